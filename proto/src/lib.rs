@@ -1,0 +1,1 @@
+//! gRPC contract between router and shards (arrives with the serving issue).

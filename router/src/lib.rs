@@ -1,0 +1,1 @@
+//! HTTP router (arrives with the serving issue).
