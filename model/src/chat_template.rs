@@ -49,6 +49,8 @@ pub enum ChatTemplateError {
 }
 
 /// A compiled chat template plus the special tokens it may refer to.
+/// `Send + Sync`: compile once, share (e.g. in an `Arc`) across requests.
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
@@ -129,6 +131,11 @@ impl ChatTemplate {
             .iter()
             .map(|(k, v)| (k.clone(), Value::from_serialize(v)))
             .collect();
+        // Transformers always passes these, as None when absent, and
+        // templates test `tools is not none`.
+        for name in ["tools", "documents"] {
+            ctx.entry(name.into()).or_insert(Value::from(()));
+        }
         ctx.insert("messages".into(), Value::from_serialize(messages));
         ctx.insert(
             "add_generation_prompt".into(),

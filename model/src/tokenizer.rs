@@ -540,21 +540,50 @@ pub fn pre_tokenizer_regex(pre: &str) -> Option<&'static str> {
     }
 }
 
-/// Merges implied by a SentencePiece vocabulary without explicit merges:
-/// every way to cut a token into two known tokens, best-scored result first.
+/// Merges implied by a SentencePiece vocabulary without explicit merges,
+/// ranked as Transformers ranks them: every cut of a token into two known
+/// tokens, ordered by the token's score (best first), then by longer left and
+/// right parts; ties keep vocabulary order, and the cuts of one token are
+/// ordered by the ids of their parts.
 fn merges_from_scores(tokens: &[String], vocab: &Vocab, scores: &[f32]) -> Vec<(String, String)> {
-    let mut ranked: Vec<(f32, u32, u32, String, String)> = Vec::new();
-    for (id, token) in tokens.iter().enumerate() {
-        let score = scores.get(id).copied().unwrap_or(0.0);
-        for (cut, _) in token.char_indices().skip(1) {
-            let (left, right) = token.split_at(cut);
-            if let (Some(&l), Some(&r)) = (vocab.get(left), vocab.get(right)) {
-                ranked.push((score, l, r, left.to_owned(), right.to_owned()));
-            }
-        }
+    struct Ranked {
+        score: f32,
+        left_len: usize,
+        right_len: usize,
+        left: String,
+        right: String,
     }
-    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    ranked.into_iter().map(|(_, _, _, l, r)| (l, r)).collect()
+    let mut ranked: Vec<Ranked> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (id, token) in tokens.iter().enumerate() {
+        if !seen.insert(token.as_str()) {
+            continue;
+        }
+        let score = scores.get(id).copied().unwrap_or(0.0);
+        let mut local: Vec<(u32, u32, &str, &str)> = token
+            .char_indices()
+            .skip(1)
+            .filter_map(|(cut, _)| {
+                let (left, right) = token.split_at(cut);
+                Some((*vocab.get(left)?, *vocab.get(right)?, left, right))
+            })
+            .collect();
+        local.sort_by_key(|&(l, r, _, _)| (l, r));
+        ranked.extend(local.into_iter().map(|(_, _, left, right)| Ranked {
+            score,
+            left_len: left.chars().count(),
+            right_len: right.chars().count(),
+            left: left.to_owned(),
+            right: right.to_owned(),
+        }));
+    }
+    ranked.sort_by(|a, b| {
+        b.score
+            .total_cmp(&a.score)
+            .then(b.left_len.cmp(&a.left_len))
+            .then(b.right_len.cmp(&a.right_len))
+    });
+    ranked.into_iter().map(|r| (r.left, r.right)).collect()
 }
 
 fn push_unique(ids: &mut Vec<u32>, id: u32) {

@@ -280,6 +280,16 @@ fn jinja_features_match_reference() {
 }
 
 #[test]
+fn shareable_across_threads() {
+    fn send_sync<T: Send + Sync + 'static>() {}
+    send_sync::<ChatTemplate>();
+    send_sync::<Tokenizer>();
+    send_sync::<TokenizerInfo>();
+    send_sync::<TokenizerError>();
+    send_sync::<ChatTemplateError>();
+}
+
+#[test]
 fn template_errors_are_typed() {
     let err = ChatTemplate::new("{% for m in messages %}{{ m.content }", "", "").unwrap_err();
     assert!(matches!(err, ChatTemplateError::Syntax { .. }), "{err:?}");
@@ -421,4 +431,63 @@ fn hf_folder_round_trip() {
     let missing = load_tokenizer_json(dir.join("nope.json")).unwrap_err();
     assert!(matches!(missing, TokenizerError::Io { .. }), "{missing}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[derive(Deserialize)]
+struct TinySpmFixture {
+    vocab_size: usize,
+    cases: Vec<Case>,
+    merges: Vec<(String, String)>,
+}
+
+/// A SentencePiece-style vocabulary (`tokenizer.ggml.model = llama`): scores
+/// without merges, byte fallback, control and user-defined tokens, BOS added.
+#[test]
+fn sentencepiece_gguf_matches_reference() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer");
+    let fixture: TinySpmFixture =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tiny_spm.json")).unwrap()).unwrap();
+    let file = GgufFile::open(dir.join("tiny_spm.gguf")).unwrap();
+    let spec = GgufTokenizerSpec::from_gguf(&file).unwrap();
+    assert_eq!(spec.model, "llama");
+    assert!(spec.merges.is_empty());
+    assert!(spec.add_bos_token);
+    let t = spec.build().unwrap();
+    assert_eq!(t.get_vocab_size(true), fixture.vocab_size);
+    let built: serde_json::Value = serde_json::from_str(&t.to_string(false).unwrap()).unwrap();
+    let merges: Vec<(String, String)> =
+        serde_json::from_value(built["model"]["merges"].clone()).unwrap();
+    assert_eq!(
+        merges, fixture.merges,
+        "merges recovered from scores, in rank order"
+    );
+    let mut mismatches = Vec::new();
+    for case in &fixture.cases {
+        let with = t.encode(case.text.as_str(), true).unwrap();
+        let without = t.encode(case.text.as_str(), false).unwrap();
+        let decoded = t.decode(&case.ids, false).unwrap();
+        let skipped = t.decode(&case.ids, true).unwrap();
+        let got = (
+            with.get_ids(),
+            without.get_ids(),
+            decoded.as_str(),
+            skipped.as_str(),
+        );
+        let want = (
+            case.ids.as_slice(),
+            case.ids_no_special.as_slice(),
+            case.decoded.as_str(),
+            case.decoded_skip_special.as_str(),
+        );
+        if got != want {
+            mismatches.push(format!("{:?}: {got:?} != {want:?}", case.text));
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+    let info = spec.info();
+    assert_eq!(
+        (info.bos_token_id, info.eos_token_ids.clone()),
+        (Some(1), vec![2])
+    );
+    assert!(info.add_bos_token);
 }
