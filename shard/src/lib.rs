@@ -1,0 +1,18 @@
+//! The Tessera shard: runs a Llama-family model on libtorch through `tch`, with a
+//! paged KV cache, batched prefill and decode, and per-sequence sampling.
+
+pub mod attention;
+pub mod bench;
+pub mod cli;
+pub mod device;
+pub mod engine;
+pub mod error;
+pub mod kv_cache;
+pub mod model;
+pub mod model_files;
+pub mod sampling;
+pub mod stopping;
+pub mod weights;
+
+pub use engine::{Batch, Engine, EngineConfig, GenerateRequest, Generation};
+pub use error::{EngineError, Result};

@@ -1,0 +1,184 @@
+//! Reads named weights from a GGUF file or a Hugging Face safetensors folder into
+//! libtorch tensors of the engine's dtype and device, one tensor at a time.
+//! Weights are addressed by their Hugging Face names; GGUF names are mapped here.
+
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind, Tensor};
+use tessera_model::config::{Architecture, ModelConfig};
+use tessera_model::gguf::GgufFile;
+use tessera_model::safetensors_folder::{Dtype, SafetensorsFolder};
+
+use crate::error::{EngineError, Result};
+
+pub enum WeightSource {
+    Gguf(GgufFile),
+    Safetensors {
+        folder: PathBuf,
+        files: SafetensorsFolder,
+    },
+}
+
+impl WeightSource {
+    /// Opens `path`: a `.gguf` file, or a folder with `config.json` and safetensors.
+    pub fn open(path: &Path) -> Result<(Self, ModelConfig)> {
+        if !path.exists() {
+            return Err(EngineError::ModelNotFound(path.to_path_buf()));
+        }
+        if path.is_file() {
+            let file = GgufFile::open(path)?;
+            let config = ModelConfig::from_gguf(&file)?;
+            return Ok((Self::Gguf(file), config));
+        }
+        let config_path = path.join("config.json");
+        if !config_path.is_file() {
+            return Err(EngineError::UnknownModelFormat(path.to_path_buf()));
+        }
+        let config = ModelConfig::from_hf_json(&config_path)?;
+        let files = SafetensorsFolder::open(path)?;
+        Ok((
+            Self::Safetensors {
+                folder: path.to_path_buf(),
+                files,
+            },
+            config,
+        ))
+    }
+
+    fn gguf_name(hf: &str) -> String {
+        let map = [
+            ("model.embed_tokens.weight", "token_embd.weight"),
+            ("model.norm.weight", "output_norm.weight"),
+            ("lm_head.weight", "output.weight"),
+        ];
+        if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
+            return g.to_string();
+        }
+        let Some(rest) = hf.strip_prefix("model.layers.") else {
+            return hf.to_string();
+        };
+        let Some((layer, tail)) = rest.split_once('.') else {
+            return hf.to_string();
+        };
+        let parts = [
+            ("self_attn.q_proj.", "attn_q."),
+            ("self_attn.k_proj.", "attn_k."),
+            ("self_attn.v_proj.", "attn_v."),
+            ("self_attn.o_proj.", "attn_output."),
+            ("mlp.gate_proj.", "ffn_gate."),
+            ("mlp.up_proj.", "ffn_up."),
+            ("mlp.down_proj.", "ffn_down."),
+            ("input_layernorm.", "attn_norm."),
+            ("post_attention_layernorm.", "ffn_norm."),
+        ];
+        for (h, g) in parts {
+            if let Some(suffix) = tail.strip_prefix(h) {
+                return format!("blk.{layer}.{g}{suffix}");
+            }
+        }
+        hf.to_string()
+    }
+
+    pub fn contains(&self, hf_name: &str) -> bool {
+        match self {
+            Self::Gguf(f) => f.tensor(&Self::gguf_name(hf_name)).is_some(),
+            Self::Safetensors { files, .. } => files.contains(hf_name),
+        }
+    }
+
+    /// Loads tensor `hf_name`, checks it has `shape`, and converts it to `kind` on `device`.
+    /// For GGUF Llama files, q/k projections are un-permuted back to the HF rotary layout.
+    pub fn load(
+        &self,
+        config: &ModelConfig,
+        hf_name: &str,
+        shape: &[usize],
+        kind: Kind,
+        device: Device,
+    ) -> Result<Tensor> {
+        let tensor = match self {
+            Self::Gguf(file) => {
+                let name = Self::gguf_name(hf_name);
+                let info = file
+                    .tensor(&name)
+                    .ok_or_else(|| EngineError::MissingTensor {
+                        name: name.clone(),
+                        path: file.path().to_path_buf(),
+                    })?;
+                check_shape(&name, shape, &info.shape())?;
+                let mut data = file.dequantize(&name)?;
+                let unpermute_heads = if config.architecture == Architecture::Qwen2 {
+                    None
+                } else if hf_name.contains("self_attn.q_proj.") {
+                    Some(config.num_heads)
+                } else if hf_name.contains("self_attn.k_proj.") {
+                    Some(config.num_kv_heads)
+                } else {
+                    None
+                };
+                if let Some(heads) = unpermute_heads {
+                    let cols = shape.get(1).copied().unwrap_or(1);
+                    data = tessera_model::gguf::unpermute_qk(&data, heads, cols);
+                }
+                Tensor::f_from_slice(&data)?.f_view(dims(shape).as_slice())?
+            }
+            Self::Safetensors { files, folder } => {
+                let bytes = files.tensor(hf_name)?;
+                check_shape(hf_name, shape, bytes.shape)?;
+                let src_kind = match bytes.dtype {
+                    Dtype::F32 => Kind::Float,
+                    Dtype::F16 => Kind::Half,
+                    Dtype::BF16 => Kind::BFloat16,
+                    Dtype::F64 => Kind::Double,
+                    other => {
+                        return Err(EngineError::UnsupportedDtype {
+                            name: format!("{hf_name} (in {})", folder.display()),
+                            dtype: format!("{other:?}"),
+                        })
+                    }
+                };
+                Tensor::f_from_data_size(bytes.data, dims(shape).as_slice(), src_kind)?
+            }
+        };
+        Ok(tensor.f_to_kind(kind)?.f_to_device(device)?)
+    }
+}
+
+fn dims(shape: &[usize]) -> Vec<i64> {
+    shape.iter().map(|&d| d as i64).collect()
+}
+
+fn check_shape(name: &str, expected: &[usize], found: &[usize]) -> Result<()> {
+    // A bias or norm stored as [n] matches an expected [n]; nothing else is reshaped.
+    if expected == found {
+        Ok(())
+    } else {
+        Err(EngineError::Shape {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            found: found.to_vec(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WeightSource;
+
+    #[test]
+    fn maps_hf_names_to_gguf() {
+        assert_eq!(
+            WeightSource::gguf_name("model.layers.12.self_attn.q_proj.weight"),
+            "blk.12.attn_q.weight"
+        );
+        assert_eq!(
+            WeightSource::gguf_name("model.layers.0.self_attn.k_proj.bias"),
+            "blk.0.attn_k.bias"
+        );
+        assert_eq!(
+            WeightSource::gguf_name("model.layers.3.post_attention_layernorm.weight"),
+            "blk.3.ffn_norm.weight"
+        );
+        assert_eq!(WeightSource::gguf_name("lm_head.weight"), "output.weight");
+    }
+}
