@@ -351,6 +351,40 @@ impl Engine {
         Ok((batch, generations))
     }
 
+    /// The f32 logits after `prompt` (its last position), from a prefill pass that
+    /// writes the prompt's keys and values into `block_table`'s blocks. For checks
+    /// against reference implementations; generation uses [`Engine::prefill`].
+    pub fn last_logits(&mut self, prompt: &[u32], block_table: &[u32]) -> Result<Vec<f32>> {
+        let request = GenerateRequest {
+            id: u64::MAX,
+            prompt: prompt.to_vec(),
+            sampling: SamplingParams::default(),
+            stopping: StoppingCriteria {
+                max_new_tokens: 1,
+                ..StoppingCriteria::default()
+            },
+            block_table: block_table.to_vec(),
+        };
+        self.check_request(&request)?;
+        let n = prompt.len() as i64;
+        let slots = (0..prompt.len())
+            .map(|p| self.slot(request.id, block_table, p))
+            .collect::<Result<Vec<_>>>()?;
+        let tokens: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+        let positions: Vec<i64> = (0..n).collect();
+        let input = StepInput {
+            tokens: self.device_i64(&tokens)?,
+            positions: self.device_i64(&positions)?,
+            slots: self.device_i64(&slots)?,
+            last_index: self.device_i64(&[n - 1])?,
+            attention: AttentionPlan::Prefill(vec![(0, n)]),
+        };
+        let logits = self.model.forward(&mut self.cache, &input)?;
+        Ok(Vec::<f32>::try_from(
+            logits.f_to_device(Device::Cpu)?.f_flatten(0, -1)?,
+        )?)
+    }
+
     /// Advances every unfinished sequence of `batch` by one token.
     #[instrument(skip_all, fields(batch = batch.len()))]
     pub fn decode(&mut self, batch: &mut Batch) -> Result<Vec<Generation>> {
