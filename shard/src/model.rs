@@ -142,12 +142,10 @@ impl Llama {
         self.device
     }
 
-    /// RMSNorm computed in f32 and cast back, as the reference implementation does.
+    /// RMSNorm (libtorch's fused kernel, which accumulates in f32 for reduced precision).
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        let xf = x.f_to_kind(Kind::Float)?;
-        let var = xf.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
-        let normed = xf.f_mul(&var.f_add_scalar(self.config.rms_norm_eps)?.f_rsqrt()?)?;
-        Ok(weight.f_mul(&normed.f_to_kind(self.kind)?)?)
+        let h = self.config.hidden_size as i64;
+        Ok(x.f_rms_norm([h], Some(weight), self.config.rms_norm_eps)?)
     }
 
     /// cos and sin of every new token's position, `[T, 1, head_dim]` in the model dtype.
