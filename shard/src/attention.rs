@@ -10,7 +10,6 @@ use tch::{Kind, Tensor};
 
 use crate::error::Result;
 
-
 pub enum AttentionPlan {
     /// Fresh prompts: `(offset, length)` of each sequence in the flattened batch.
     Prefill(Vec<(i64, i64)>),

@@ -48,6 +48,8 @@ pub enum EngineError {
     NoChatTemplate,
     #[error(transparent)]
     ChatTemplate(#[from] tessera_model::chat_template::ChatTemplateError),
+    #[error("compressing weights: {0}")]
+    Quantize(String),
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
 }

@@ -8,6 +8,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod kv_cache;
+pub mod linear;
 pub mod model;
 pub mod model_files;
 pub mod sampling;

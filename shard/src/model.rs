@@ -7,18 +7,19 @@ use tessera_model::config::ModelConfig;
 use crate::attention::{self, AttentionPlan};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
+use crate::linear::{Int4Codes, Linear};
 use crate::weights::WeightSource;
 
 struct Layer {
     attn_norm: Tensor,
     /// q, k and v projections concatenated: `[(heads + 2 kv_heads) * head_dim, hidden]`.
-    qkv: Tensor,
+    qkv: Linear,
     qkv_bias: Option<Tensor>,
-    o_proj: Tensor,
+    o_proj: Linear,
     mlp_norm: Tensor,
     /// gate and up projections concatenated: `[2 * intermediate, hidden]`.
-    gate_up: Tensor,
-    down: Tensor,
+    gate_up: Linear,
+    down: Linear,
 }
 
 pub struct Llama {
@@ -28,7 +29,7 @@ pub struct Llama {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Linear,
     inv_freq: Tensor,
 }
 
@@ -55,6 +56,26 @@ impl Llama {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let load = |name: &str, shape: &[usize]| source.load(c, name, shape, kind, device);
+        // Compressed copies for small CPU batches, in reduced precision only (f32 stays
+        // exact for reference checks).
+        let compress = device == Device::Cpu && matches!(kind, Kind::BFloat16 | Kind::Half);
+        let linear = |dense: Tensor, parts: &[(String, [usize; 2])]| -> Result<Linear> {
+            let linear = Linear::dense(dense);
+            if !compress {
+                return Ok(linear);
+            }
+            let mut codes = Vec::with_capacity(parts.len());
+            for (name, shape) in parts {
+                match source.int4_codes(c, name, shape)? {
+                    Some(code) => codes.push(code),
+                    None => return Ok(linear),
+                }
+            }
+            match Int4Codes::concat(codes) {
+                Some(codes) => linear.with_int4(codes, kind),
+                None => Ok(linear),
+            }
+        };
         let embed = load("model.embed_tokens.weight", &[c.vocab_size, h])?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
@@ -71,7 +92,15 @@ impl Llama {
                 &format!("{p}.self_attn.v_proj.weight"),
                 &[c.num_kv_heads * hd, h],
             )?;
-            let qkv = Tensor::f_cat(&[q, k, v], 0)?;
+            let (nq, nkv) = (c.num_heads * hd, c.num_kv_heads * hd);
+            let qkv = linear(
+                Tensor::f_cat(&[q, k, v], 0)?,
+                &[
+                    (format!("{p}.self_attn.q_proj.weight"), [nq, h]),
+                    (format!("{p}.self_attn.k_proj.weight"), [nkv, h]),
+                    (format!("{p}.self_attn.v_proj.weight"), [nkv, h]),
+                ],
+            )?;
             let qkv_bias = if c.attention_bias {
                 let qb = load(&format!("{p}.self_attn.q_proj.bias"), &[c.num_heads * hd])?;
                 let kb = load(
@@ -98,23 +127,45 @@ impl Llama {
                 attn_norm: load(&format!("{p}.input_layernorm.weight"), &[h])?,
                 qkv,
                 qkv_bias,
-                o_proj: load(
-                    &format!("{p}.self_attn.o_proj.weight"),
-                    &[h, c.num_heads * hd],
+                o_proj: linear(
+                    load(&format!("{p}.self_attn.o_proj.weight"), &[h, nq])?,
+                    &[(format!("{p}.self_attn.o_proj.weight"), [h, nq])],
                 )?,
                 mlp_norm: load(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate_up: Tensor::f_cat(&[gate, up], 0)?,
-                down: load(
-                    &format!("{p}.mlp.down_proj.weight"),
-                    &[h, c.intermediate_size],
+                gate_up: linear(
+                    Tensor::f_cat(&[gate, up], 0)?,
+                    &[
+                        (
+                            format!("{p}.mlp.gate_proj.weight"),
+                            [c.intermediate_size, h],
+                        ),
+                        (format!("{p}.mlp.up_proj.weight"), [c.intermediate_size, h]),
+                    ],
+                )?,
+                down: linear(
+                    load(
+                        &format!("{p}.mlp.down_proj.weight"),
+                        &[h, c.intermediate_size],
+                    )?,
+                    &[(
+                        format!("{p}.mlp.down_proj.weight"),
+                        [h, c.intermediate_size],
+                    )],
                 )?,
             });
         }
         let norm = load("model.norm.weight", &[h])?;
-        let lm_head = if c.tie_word_embeddings || !source.contains("lm_head.weight") {
-            embed.shallow_clone()
+        let lm_head = Linear::dense(
+            if c.tie_word_embeddings || !source.contains("lm_head.weight") {
+                embed.shallow_clone()
+            } else {
+                load("lm_head.weight", &[c.vocab_size, h])?
+            },
+        );
+        let lm_head = if compress {
+            lm_head.with_int8()?
         } else {
-            load("lm_head.weight", &[c.vocab_size, h])?
+            lm_head
         };
         let inv: Vec<f32> = c.rope_inv_freq().iter().map(|&f| f as f32).collect();
         let inv_freq = Tensor::f_from_slice(&inv)?.f_to_device(device)?;
@@ -178,7 +229,10 @@ impl Llama {
         let mut hidden = self.embed.f_index_select(0, &input.tokens)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let x = self.rms_norm(&hidden, &layer.attn_norm)?;
-            let qkv = x.f_linear(&layer.qkv, layer.qkv_bias.as_ref())?;
+            let mut qkv = layer.qkv.forward(&x)?;
+            if let Some(bias) = &layer.qkv_bias {
+                qkv = qkv.f_add(bias)?;
+            }
             let q = qkv.f_narrow(1, 0, nh * hd)?.f_view([t, nh, hd])?;
             let k = qkv.f_narrow(1, nh * hd, nkv * hd)?.f_view([t, nkv, hd])?;
             let v = qkv
@@ -197,19 +251,17 @@ impl Llama {
                 &cache.values[i],
                 nkv,
             )?;
-            hidden = hidden.f_add(&attn.f_linear::<Tensor>(&layer.o_proj, None)?)?;
+            hidden = hidden.f_add(&layer.o_proj.forward(&attn)?)?;
             let x = self.rms_norm(&hidden, &layer.mlp_norm)?;
-            let gate_up = x.f_linear::<Tensor>(&layer.gate_up, None)?;
+            let gate_up = layer.gate_up.forward(&x)?;
             let inter = c.intermediate_size as i64;
             let gate = gate_up.f_narrow(1, 0, inter)?;
             let up = gate_up.f_narrow(1, inter, inter)?;
             let act = gate.f_silu()?.f_mul(&up)?;
-            hidden = hidden.f_add(&act.f_linear::<Tensor>(&layer.down, None)?)?;
+            hidden = hidden.f_add(&layer.down.forward(&act)?)?;
         }
         let last = hidden.f_index_select(0, &input.last_index)?;
         let last = self.rms_norm(&last, &self.norm)?;
-        Ok(last
-            .f_linear::<Tensor>(&self.lm_head, None)?
-            .f_to_kind(Kind::Float)?)
+        Ok(self.lm_head.forward(&last)?.f_to_kind(Kind::Float)?)
     }
 }

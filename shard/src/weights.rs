@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 use tessera_model::config::{Architecture, ModelConfig};
-use tessera_model::gguf::GgufFile;
+use tessera_model::gguf::{GgmlType, GgufFile};
 use tessera_model::safetensors_folder::{Dtype, SafetensorsFolder};
 
 use crate::error::{EngineError, Result};
+use crate::linear::{unpermute_order, Int4Codes};
 
 pub enum WeightSource {
     Gguf(GgufFile),
@@ -107,16 +108,7 @@ impl WeightSource {
                     })?;
                 check_shape(&name, shape, &info.shape())?;
                 let mut data = file.dequantize(&name)?;
-                let unpermute_heads = if config.architecture == Architecture::Qwen2 {
-                    None
-                } else if hf_name.contains("self_attn.q_proj.") {
-                    Some(config.num_heads)
-                } else if hf_name.contains("self_attn.k_proj.") {
-                    Some(config.num_kv_heads)
-                } else {
-                    None
-                };
-                if let Some(heads) = unpermute_heads {
+                if let Some(heads) = self.unpermute_heads(config, hf_name) {
                     let cols = shape.get(1).copied().unwrap_or(1);
                     data = tessera_model::gguf::unpermute_qk(&data, heads, cols);
                 }
@@ -141,6 +133,56 @@ impl WeightSource {
             }
         };
         Ok(tensor.f_to_kind(kind)?.f_to_device(device)?)
+    }
+}
+
+impl WeightSource {
+    /// The int4 codes of `hf_name` when the file stores it as Q4_0 or Q4_1 (lossless),
+    /// with llama.cpp's q/k row order undone; `None` for other sources and types.
+    pub fn int4_codes(
+        &self,
+        config: &ModelConfig,
+        hf_name: &str,
+        shape: &[usize],
+    ) -> Result<Option<Int4Codes>> {
+        let Self::Gguf(file) = self else {
+            return Ok(None);
+        };
+        let name = Self::gguf_name(hf_name);
+        let Some(info) = file.tensor(&name) else {
+            return Ok(None);
+        };
+        let q4_1 = match info.ggml_type {
+            GgmlType::Q4_0 => false,
+            GgmlType::Q4_1 => true,
+            _ => return Ok(None),
+        };
+        let &[rows, cols] = shape else {
+            return Ok(None);
+        };
+        check_shape(&name, shape, &info.shape())?;
+        let Some(codes) = Int4Codes::from_ggml_blocks(q4_1, file.tensor_data(&name)?, rows, cols)
+        else {
+            return Ok(None);
+        };
+        let heads = match self.unpermute_heads(config, hf_name) {
+            Some(h) => h,
+            None => return Ok(Some(codes)),
+        };
+        Ok(Some(codes.permute_rows(&unpermute_order(rows, heads)?)))
+    }
+
+    /// Heads to un-permute `hf_name` over, for llama.cpp's q/k layout.
+    fn unpermute_heads(&self, config: &ModelConfig, hf_name: &str) -> Option<usize> {
+        if config.architecture == Architecture::Qwen2 {
+            None
+        } else if hf_name.contains("self_attn.q_proj.") {
+            Some(config.num_heads)
+        } else if hf_name.contains("self_attn.k_proj.") {
+            Some(config.num_kv_heads)
+        } else {
+            None
+        }
     }
 }
 

@@ -195,3 +195,17 @@ fn tiny_llama_safetensors_matches_transformers() {
 fn tiny_qwen2_safetensors_matches_transformers() {
     check_tiny("tiny-qwen2");
 }
+
+/// bfloat16 on the CPU decodes small batches through the int4 copy of the Q4_1 weights
+/// and the int8 output head; the greedy start of the France prompt must not change.
+#[test]
+fn bfloat16_compressed_path_keeps_the_reference_continuation() {
+    let reference = fixture("smollm2_gguf.json");
+    let france = &reference["prompts"][0];
+    assert_eq!(france["name"], "france");
+    let mut engine = load(&default_model(), tch::Kind::BFloat16);
+    let mut blocks = allocator(&engine);
+    let request = greedy_request(&engine, &mut blocks, 0, ids(&france["prompt_ids"]), 8);
+    let got = run_alone(&mut engine, request);
+    assert_eq!(got, ids(&france["generated_ids"])[..8].to_vec());
+}

@@ -1,0 +1,272 @@
+//! Linear layers with an optional compressed copy for small batches on the CPU.
+//!
+//! Decoding a handful of sequences reads every weight once per token, so it is bound
+//! by memory traffic. For GGUF weights stored as Q4_0/Q4_1 the engine keeps, besides
+//! the dense weight, a lossless int4 group-wise copy (libtorch's
+//! `_weight_int4pack_mm_for_cpu`, groups of 32 with a scale and a zero point each,
+//! which is exactly Q4_0/Q4_1's format) and for the output head an int8 per-row copy;
+//! steps with at most [`SMALL_BATCH_ROWS`] rows use them, larger steps use the dense
+//! weight, whose matmuls are faster once the weight read is amortised.
+
+use half::f16;
+use tch::{Kind, Tensor};
+
+use crate::error::{EngineError, Result};
+
+/// Steps of up to this many token rows use the compressed weights.
+pub const SMALL_BATCH_ROWS: i64 = 8;
+
+/// Elements per int4 group (Q4_0/Q4_1 blocks hold 32).
+pub const INT4_GROUP: usize = 32;
+
+/// Quantization codes of a `[rows, cols]` weight: `w = (code - 8) * scale + zero`
+/// per group of [`INT4_GROUP`] columns.
+pub struct Int4Codes {
+    pub rows: usize,
+    pub cols: usize,
+    /// `rows * cols` codes in 0..16.
+    pub codes: Vec<i32>,
+    /// `rows * cols / INT4_GROUP` scales and zeros, row-major.
+    pub scales: Vec<f32>,
+    pub zeros: Vec<f32>,
+}
+
+impl Int4Codes {
+    /// Reads Q4_0 (`ggml` type 2) or Q4_1 (type 3) blocks; `None` for other types.
+    pub fn from_ggml_blocks(q4_1: bool, bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        let block_bytes = if q4_1 { 20 } else { 18 };
+        let groups = rows * cols / INT4_GROUP;
+        if cols % INT4_GROUP != 0 || bytes.len() != groups * block_bytes {
+            return None;
+        }
+        let mut codes = Vec::with_capacity(rows * cols);
+        let mut scales = Vec::with_capacity(groups);
+        let mut zeros = Vec::with_capacity(groups);
+        for block in bytes.chunks_exact(block_bytes) {
+            let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+            let (zero, qs) = if q4_1 {
+                let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
+                // q * d + m == (q - 8) * d + (m + 8 d)
+                (m + 8.0 * d, &block[4..20])
+            } else {
+                (0.0, &block[2..18])
+            };
+            scales.push(d);
+            zeros.push(zero);
+            codes.extend(qs.iter().map(|b| (b & 0x0f) as i32));
+            codes.extend(qs.iter().map(|b| (b >> 4) as i32));
+        }
+        Some(Self {
+            rows,
+            cols,
+            codes,
+            scales,
+            zeros,
+        })
+    }
+
+    /// Reorders rows: row `r` of the result is row `order[r]` of `self`.
+    pub fn permute_rows(self, order: &[usize]) -> Self {
+        let groups = self.cols / INT4_GROUP;
+        let mut codes = Vec::with_capacity(self.codes.len());
+        let mut scales = Vec::with_capacity(self.scales.len());
+        let mut zeros = Vec::with_capacity(self.zeros.len());
+        for &r in order {
+            codes.extend_from_slice(&self.codes[r * self.cols..(r + 1) * self.cols]);
+            scales.extend_from_slice(&self.scales[r * groups..(r + 1) * groups]);
+            zeros.extend_from_slice(&self.zeros[r * groups..(r + 1) * groups]);
+        }
+        Self {
+            codes,
+            scales,
+            zeros,
+            ..self
+        }
+    }
+
+    /// Stacks weights along the output (row) dimension.
+    pub fn concat(parts: Vec<Int4Codes>) -> Option<Self> {
+        let cols = parts.first()?.cols;
+        if parts.iter().any(|p| p.cols != cols) {
+            return None;
+        }
+        let mut out = Self {
+            rows: 0,
+            cols,
+            codes: Vec::new(),
+            scales: Vec::new(),
+            zeros: Vec::new(),
+        };
+        for p in parts {
+            out.rows += p.rows;
+            out.codes.extend(p.codes);
+            out.scales.extend(p.scales);
+            out.zeros.extend(p.zeros);
+        }
+        Some(out)
+    }
+}
+
+enum Compressed {
+    Int4 {
+        packed: Tensor,
+        scales_zeros: Tensor,
+    },
+    Int8 {
+        weight: Tensor,
+        scales: Tensor,
+    },
+}
+
+pub struct Linear {
+    dense: Tensor,
+    compressed: Option<Compressed>,
+}
+
+impl Linear {
+    pub fn dense(weight: Tensor) -> Self {
+        Self {
+            dense: weight,
+            compressed: None,
+        }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.dense
+    }
+
+    /// Adds the int4 copy made from `codes` (activations of `kind`, CPU only).
+    pub fn with_int4(mut self, codes: Int4Codes, kind: Kind) -> Result<Self> {
+        let (rows, cols) = (codes.rows as i64, codes.cols as i64);
+        let groups = cols / INT4_GROUP as i64;
+        let packed = Tensor::f_from_slice(&codes.codes)?
+            .f_view([rows, cols])?
+            .f_internal_convert_weight_to_int4pack_for_cpu(2)?;
+        let scales = Tensor::f_from_slice(&codes.scales)?.f_view([rows, groups])?;
+        let zeros = Tensor::f_from_slice(&codes.zeros)?.f_view([rows, groups])?;
+        let scales_zeros =
+            Tensor::f_stack(&[scales.f_transpose(0, 1)?, zeros.f_transpose(0, 1)?], -1)?
+                .f_to_kind(kind)?
+                .f_contiguous()?;
+        self.compressed = Some(Compressed::Int4 {
+            packed,
+            scales_zeros,
+        });
+        Ok(self)
+    }
+
+    /// Adds an int8 copy with one scale per output row (CPU only).
+    pub fn with_int8(mut self) -> Result<Self> {
+        let w = self.dense.f_to_kind(Kind::Float)?;
+        let scales = w
+            .f_abs()?
+            .f_amax([1i64].as_slice(), true)?
+            .f_clamp_min(1e-12)?
+            .f_div_scalar(127.0)?;
+        let weight = w.f_div(&scales)?.f_round()?.f_to_kind(Kind::Int8)?;
+        let scales = scales.f_squeeze_dim(1)?.f_to_kind(self.dense.kind())?;
+        self.compressed = Some(Compressed::Int8 { weight, scales });
+        Ok(self)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.size().first().copied().unwrap_or(0);
+        match &self.compressed {
+            Some(Compressed::Int4 {
+                packed,
+                scales_zeros,
+            }) if rows <= SMALL_BATCH_ROWS => Ok(x
+                .f_contiguous()?
+                .f_internal_weight_int4pack_mm_for_cpu(packed, INT4_GROUP as i64, scales_zeros)?),
+            Some(Compressed::Int8 { weight, scales }) if rows <= SMALL_BATCH_ROWS => Ok(x
+                .f_contiguous()?
+                .f_internal_weight_int8pack_mm(weight, scales)?),
+            _ => Ok(x.f_linear::<Tensor>(&self.dense, None)?),
+        }
+    }
+}
+
+/// The row order that undoes llama.cpp's q/k permutation (see `unpermute_qk`).
+pub fn unpermute_order(rows: usize, heads: usize) -> Result<Vec<usize>> {
+    let index: Vec<f32> = (0..rows).map(|r| r as f32).collect();
+    let order = tessera_model::gguf::try_unpermute_qk(&index, heads, 1)?;
+    order
+        .iter()
+        .map(|&r| {
+            if r >= 0.0 && (r as usize) < rows {
+                Ok(r as usize)
+            } else {
+                Err(EngineError::Quantize(format!(
+                    "bad row permutation entry {r}"
+                )))
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q4_1_blocks_become_exact_int4_codes() {
+        // d = 0.5, m = -1.0, codes 0..15 then 15..0.
+        let mut block = Vec::new();
+        block.extend_from_slice(&f16::from_f32(0.5).to_le_bytes());
+        block.extend_from_slice(&f16::from_f32(-1.0).to_le_bytes());
+        for i in 0..16u8 {
+            block.push(i | ((15 - i) << 4));
+        }
+        let c = Int4Codes::from_ggml_blocks(true, &block, 1, 32).unwrap();
+        for (i, &q) in c.codes.iter().enumerate() {
+            let dequant = q as f32 * 0.5 - 1.0;
+            let via_int4 = (q - 8) as f32 * c.scales[0] + c.zeros[0];
+            assert_eq!(dequant, via_int4, "element {i}");
+        }
+        assert_eq!(c.codes[0], 0);
+        assert_eq!(c.codes[16], 15);
+    }
+
+    #[test]
+    fn int4_and_int8_matmuls_match_dense() {
+        let rows = 64;
+        let cols = 64;
+        let codes: Vec<i32> = (0..rows * cols).map(|i| ((i * 7) % 16) as i32).collect();
+        let scales: Vec<f32> = (0..rows * cols / 32)
+            .map(|i| 0.01 + i as f32 * 1e-4)
+            .collect();
+        let zeros: Vec<f32> = (0..rows * cols / 32)
+            .map(|i| (i as f32 - 50.0) * 1e-3)
+            .collect();
+        let dense: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let g = i / 32;
+                (codes[i] - 8) as f32 * scales[g] + zeros[g]
+            })
+            .collect();
+        let w = Tensor::from_slice(&dense).view([rows as i64, cols as i64]);
+        let x = Tensor::randn([2, cols as i64], (Kind::Float, tch::Device::Cpu));
+        let reference = x.linear::<Tensor>(&w, None);
+        let c = Int4Codes {
+            rows,
+            cols,
+            codes,
+            scales,
+            zeros,
+        };
+        let xb = x.to_kind(Kind::BFloat16);
+        let int4 = Linear::dense(w.to_kind(Kind::BFloat16))
+            .with_int4(c, Kind::BFloat16)
+            .unwrap();
+        let y = int4.forward(&xb).unwrap().to_kind(Kind::Float);
+        let err = (&y - &reference).abs().max().double_value(&[]);
+        let scale = reference.abs().max().double_value(&[]);
+        assert!(err / scale < 2e-2, "int4 relative error {}", err / scale);
+        let int8 = Linear::dense(w.to_kind(Kind::BFloat16))
+            .with_int8()
+            .unwrap();
+        let y = int8.forward(&xb).unwrap().to_kind(Kind::Float);
+        let err = (&y - &reference).abs().max().double_value(&[]);
+        assert!(err / scale < 2e-2, "int8 relative error {}", err / scale);
+    }
+}
