@@ -36,7 +36,7 @@ impl Int4Codes {
     pub fn from_ggml_blocks(q4_1: bool, bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
         let block_bytes = if q4_1 { 20 } else { 18 };
         let groups = rows * cols / INT4_GROUP;
-        if cols % INT4_GROUP != 0 || bytes.len() != groups * block_bytes {
+        if !cols.is_multiple_of(INT4_GROUP) || bytes.len() != groups * block_bytes {
             return None;
         }
         let mut codes = Vec::with_capacity(rows * cols);

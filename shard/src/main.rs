@@ -95,7 +95,10 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     loop {
         let mut done = false;
         for g in &generations {
-            write!(out, "{}", g.text)?;
+            // Special tokens (end of turn and the like) are control, not text.
+            if !g.special {
+                write!(out, "{}", g.text)?;
+            }
             done |= g.finish_reason.is_some();
         }
         out.flush()?;

@@ -1,0 +1,80 @@
+//! End to end: the real `tessera` binary generates from the default model.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// `target/<profile>/`, where cargo put the workspace's binaries before running tests.
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .to_path_buf()
+}
+
+fn tessera() -> Command {
+    let path = bin_dir().join("tessera");
+    assert!(
+        path.is_file(),
+        "{} missing: run `cargo test --workspace`",
+        path.display()
+    );
+    Command::new(path)
+}
+
+#[test]
+fn generate_continues_the_france_prompt_greedily() {
+    let out = tessera()
+        .args([
+            "generate",
+            "The capital of France is",
+            "--max-new-tokens",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with(" Paris."), "{text:?}");
+}
+
+#[test]
+fn chat_generation_uses_the_template_and_stops_at_eos() {
+    let out = tessera()
+        .args(["generate", "--chat", "Say hello.", "--max-new-tokens", "48"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.trim().is_empty());
+    assert!(
+        !text.contains("<|im_"),
+        "special tokens must not be printed: {text:?}"
+    );
+}
+
+#[test]
+fn missing_model_fails_with_a_clear_message() {
+    let out = tessera()
+        .args(["generate", "hi", "--model", "/nonexistent/x.gguf"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/x.gguf"), "{err}");
+}
+
+#[test]
+fn unknown_command_is_a_usage_error() {
+    let out = tessera().arg("fly").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
+}
