@@ -5,4 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 ./scripts/setup.sh
+# The end-to-end tests in tests/ run the real binaries, which `cargo test` alone
+# builds only for packages that have integration tests of their own.
+cargo build --release --workspace --bins
 cargo test --release --workspace "$@"

@@ -59,6 +59,9 @@ pub struct Figures {
     pub peak_rss_mib: f64,
 }
 
+/// Largest number of prompt tokens prefilled in one forward pass by the decode benchmark.
+const PREFILL_TOKENS: usize = 2048;
+
 const MARK: &str = "TESSERA_BENCH_JSON ";
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -195,18 +198,20 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
     let warmup = 2;
     for &b in &args.batch_sizes {
         let steps = (args.decode_steps + warmup + 1) as u32;
-        let requests = (0..b)
-            .map(|i| {
-                request(
-                    &engine,
-                    &mut blocks,
-                    i as u64,
-                    prompt(i + 100, args.decode_context, vocab),
-                    steps,
-                )
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let (mut batch, _) = engine.prefill(requests)?;
+        // Prompts are prefilled in groups of at most PREFILL_TOKENS tokens, as a router
+        // with a prefill budget would, and merged into one running batch.
+        let mut batch = crate::Batch::default();
+        let per_group = (PREFILL_TOKENS / args.decode_context.max(1)).max(1);
+        for first in (0..b).step_by(per_group) {
+            let requests = (first..b.min(first + per_group))
+                .map(|i| {
+                    let p = prompt(i + 100, args.decode_context, vocab);
+                    request(&engine, &mut blocks, i as u64, p, steps)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let (group, _) = engine.prefill(requests)?;
+            batch.merge(group);
+        }
         let mut times = Vec::new();
         for step in 0..warmup + args.decode_steps {
             let t = Instant::now();

@@ -107,3 +107,60 @@ fn seeds_make_sampling_reproducible_and_distinct() {
     assert_eq!(a, b, "the same seed must give the same tokens");
     assert_ne!(a, c, "different seeds should give different tokens");
 }
+
+#[test]
+fn stop_sequences_and_eos_end_generation_with_their_reason() {
+    use tessera_shard::stopping::FinishReason;
+    let mut engine = load(&default_model(), tch::Kind::Float);
+    let mut blocks = allocator(&engine);
+    let prompt = engine.encode("The capital of France is").unwrap();
+
+    // The reference continuation is " Paris.\n\nThe answer is: ..." and reaches <|im_end|> at step 29.
+    let mut stop = greedy_request(&engine, &mut blocks, 1, prompt.clone(), 32);
+    stop.stopping.stop_sequences = vec!["\n\nThe".into()];
+    let mut eos = greedy_request(&engine, &mut blocks, 2, prompt, 40);
+    eos.stopping.ignore_eos = false;
+
+    let (mut batch, mut gens) = engine.prefill(vec![stop, eos]).unwrap();
+    let mut finished = std::collections::HashMap::new();
+    let mut counts = std::collections::HashMap::new();
+    loop {
+        for g in &gens {
+            *counts.entry(g.request_id).or_insert(0) += 1;
+            if let Some(reason) = g.finish_reason {
+                finished.insert(
+                    g.request_id,
+                    (
+                        reason,
+                        batch.generated_text(g.request_id).unwrap().to_string(),
+                    ),
+                );
+            }
+        }
+        batch.remove_finished();
+        if batch.is_empty() {
+            break;
+        }
+        gens = engine.decode(&mut batch).unwrap();
+    }
+    let (reason, text) = &finished[&1];
+    assert_eq!(*reason, FinishReason::StopSequence);
+    assert_eq!(text, " Paris.", "text before the stop sequence");
+    let (reason, _) = &finished[&2];
+    assert_eq!(*reason, FinishReason::EosToken);
+    assert_eq!(counts[&2], 30, "EOS is the 30th generated token");
+}
+
+#[test]
+fn half_precisions_run_on_safetensors_models() {
+    for kind in [tch::Kind::Half, tch::Kind::BFloat16] {
+        let mut engine = load(&repo_root().join("fixtures/reference/tiny-qwen2"), kind);
+        let mut blocks = allocator(&engine);
+        let r = greedy_request(&engine, &mut blocks, 0, vec![5, 17, 42, 99], 16);
+        let tokens = run_alone(&mut engine, r);
+        assert_eq!(tokens.len(), 16);
+        assert!(tokens
+            .iter()
+            .all(|&t| (t as usize) < engine.model_config().vocab_size));
+    }
+}
