@@ -175,6 +175,7 @@ impl Engine {
         } = files;
         let model = Llama::load(&weights, model_config, config.kind, config.device)?;
         drop(weights);
+        crate::memory::release_free_memory();
         let mc = model.config();
         let num_blocks = if config.num_blocks > 0 {
             config.num_blocks

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod kv_cache;
 pub mod linear;
+pub mod memory;
 pub mod model;
 pub mod model_files;
 pub mod sampling;

@@ -155,16 +155,28 @@ impl Linear {
         Ok(self)
     }
 
-    /// Adds an int8 copy with one scale per output row (CPU only).
+    /// Adds an int8 copy with one scale per output row (CPU only). Quantizes a band of
+    /// rows at a time so that no full-size f32 copy of the weight is ever made.
     pub fn with_int8(mut self) -> Result<Self> {
-        let w = self.dense.f_to_kind(Kind::Float)?;
-        let scales = w
-            .f_abs()?
-            .f_amax([1i64].as_slice(), true)?
-            .f_clamp_min(1e-12)?
-            .f_div_scalar(127.0)?;
-        let weight = w.f_div(&scales)?.f_round()?.f_to_kind(Kind::Int8)?;
-        let scales = scales.f_squeeze_dim(1)?.f_to_kind(self.dense.kind())?;
+        let rows = self.dense.size().first().copied().unwrap_or(0);
+        let band = 4096;
+        let mut weights = Vec::new();
+        let mut scales = Vec::new();
+        let mut start = 0;
+        while start < rows {
+            let len = band.min(rows - start);
+            let w = self.dense.f_narrow(0, start, len)?.f_to_kind(Kind::Float)?;
+            let scale = w
+                .f_abs()?
+                .f_amax([1i64].as_slice(), true)?
+                .f_clamp_min(1e-12)?
+                .f_div_scalar(127.0)?;
+            weights.push(w.f_div(&scale)?.f_round()?.f_to_kind(Kind::Int8)?);
+            scales.push(scale.f_squeeze_dim(1)?);
+            start += len;
+        }
+        let weight = Tensor::f_cat(&weights, 0)?;
+        let scales = Tensor::f_cat(&scales, 0)?.f_to_kind(self.dense.kind())?;
         self.compressed = Some(Compressed::Int8 { weight, scales });
         Ok(self)
     }

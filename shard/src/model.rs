@@ -153,6 +153,8 @@ impl Llama {
                     )],
                 )?,
             });
+            // Give this layer's load temporaries back before the next layer's arrive.
+            crate::memory::release_free_memory();
         }
         let norm = load("model.norm.weight", &[h])?;
         let lm_head = Linear::dense(

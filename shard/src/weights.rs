@@ -107,12 +107,14 @@ impl WeightSource {
                         path: file.path().to_path_buf(),
                     })?;
                 check_shape(&name, shape, &info.shape())?;
-                let mut data = file.dequantize(&name)?;
                 if let Some(heads) = self.unpermute_heads(config, hf_name) {
                     let cols = shape.get(1).copied().unwrap_or(1);
-                    data = tessera_model::gguf::unpermute_qk(&data, heads, cols);
+                    let data = file.dequantize(&name)?;
+                    let data = tessera_model::gguf::try_unpermute_qk(&data, heads, cols)?;
+                    Tensor::f_from_slice(&data)?.f_view(dims(shape).as_slice())?
+                } else {
+                    return dequantize_in_chunks(file, &name, shape, kind, device);
                 }
-                Tensor::f_from_slice(&data)?.f_view(dims(shape).as_slice())?
             }
             Self::Safetensors { files, folder } => {
                 let bytes = files.tensor(hf_name)?;
@@ -184,6 +186,36 @@ impl WeightSource {
             None
         }
     }
+}
+
+/// Elements dequantized to f32 at a time, which bounds the memory a large tensor
+/// (the embedding) needs on its way to the model dtype.
+const DEQUANT_CHUNK: usize = 1 << 22;
+
+/// Dequantizes `name` a band of rows at a time straight into a tensor of `kind`.
+fn dequantize_in_chunks(
+    file: &GgufFile,
+    name: &str,
+    shape: &[usize],
+    kind: Kind,
+    device: Device,
+) -> Result<Tensor> {
+    let rows = shape.first().copied().unwrap_or(1);
+    let cols: usize = shape.iter().skip(1).product::<usize>().max(1);
+    let out = Tensor::f_empty(dims(shape).as_slice(), (kind, device))?;
+    let band = (DEQUANT_CHUNK / cols).max(1);
+    let mut start = 0;
+    while start < rows {
+        let end = rows.min(start + band);
+        let data = file.dequantize_rows(name, start, end)?;
+        let chunk = Tensor::f_from_slice(&data)?
+            .f_to_kind(kind)?
+            .f_to_device(device)?;
+        let mut dst = out.f_narrow(0, start as i64, (end - start) as i64)?;
+        dst.f_copy_(&chunk.f_view_as(&dst)?)?;
+        start = end;
+    }
+    Ok(out)
 }
 
 fn dims(shape: &[usize]) -> Vec<i64> {
