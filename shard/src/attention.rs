@@ -67,6 +67,27 @@ pub fn attend(
                     .f_transpose(1, 2)?
                     .f_reshape([b * kv_heads, l, head_dim])?)
             };
+            if b == 1 {
+                // One sequence has no padding: libtorch's fused attention needs no mask and
+                // costs fewer operator calls than the grouped matmuls below.
+                let context = |pool: &Tensor| -> Result<Tensor> {
+                    Ok(pool
+                        .f_index_select(0, &flat)?
+                        .f_view([1, l, kv_heads, head_dim])?
+                        .f_transpose(1, 2)?)
+                };
+                let out = Tensor::f_scaled_dot_product_attention::<Tensor>(
+                    &q.f_reshape([1, heads, 1, head_dim])?,
+                    &context(k_pool)?,
+                    &context(v_pool)?,
+                    None,
+                    0.0,
+                    false,
+                    None,
+                    heads != kv_heads,
+                )?;
+                return Ok(out.f_reshape([1, heads * head_dim])?);
+            }
             let keys = per_head(k_pool)?;
             let values = per_head(v_pool)?;
             let q = q.f_reshape([b * kv_heads, group, head_dim])?;
