@@ -13,9 +13,12 @@ use crate::error::Result;
 pub enum AttentionPlan {
     /// Fresh prompts: `(offset, length)` of each sequence in the flattened batch.
     Prefill(Vec<(i64, i64)>),
-    /// One new token per sequence. `gather` is `[B, L]` pool slots of each sequence's
-    /// context (padded); `mask` is `[B, 1, 1, L]`, 0 for real slots and -inf for padding.
-    Decode { gather: Tensor, mask: Tensor },
+    /// One new token per sequence. With the pools viewed as `[slots * kv_heads, head_dim]`,
+    /// `rows` (`[B * kv_heads * L]`) lists the rows of each sequence's context, ordered by
+    /// sequence, KV head and position (padded to the longest context `L`), so that one
+    /// gather yields `[B * kv_heads, L, head_dim]` without any transpose; `mask` is
+    /// `[B, 1, 1, L]`, 0 for real positions and -inf for padding.
+    Decode { rows: Tensor, mask: Tensor },
 }
 
 /// `q` is `[T, heads, head_dim]`, `k` and `v` are `[T, kv_heads, head_dim]` (already
@@ -53,33 +56,28 @@ pub fn attend(
             }
             Ok(Tensor::f_cat(&outs, 0)?.f_reshape([t, heads * head_dim])?)
         }
-        AttentionPlan::Decode { gather, mask } => {
+        AttentionPlan::Decode { rows, mask } => {
             // Batched matmuls over contiguous [B * kv_heads, L, head_dim] blocks: libtorch's
             // 4-D matmul on permuted views is several times slower on CPU.
-            let [b, l] = dims2(gather);
+            let b = t;
+            let l = mask.size().last().copied().unwrap_or(0);
             let group = heads / kv_heads;
             let scale = 1.0 / (head_dim as f64).sqrt();
-            let flat = gather.f_view([-1])?;
             let per_head = |pool: &Tensor| -> Result<Tensor> {
                 Ok(pool
-                    .f_index_select(0, &flat)?
-                    .f_view([b, l, kv_heads, head_dim])?
-                    .f_transpose(1, 2)?
-                    .f_reshape([b * kv_heads, l, head_dim])?)
+                    .f_view([-1, head_dim])?
+                    .f_index_select(0, rows)?
+                    .f_view([b * kv_heads, l, head_dim])?)
             };
+            let keys = per_head(k_pool)?;
+            let values = per_head(v_pool)?;
             if b == 1 {
                 // One sequence has no padding: libtorch's fused attention needs no mask and
                 // costs fewer operator calls than the grouped matmuls below.
-                let context = |pool: &Tensor| -> Result<Tensor> {
-                    Ok(pool
-                        .f_index_select(0, &flat)?
-                        .f_view([1, l, kv_heads, head_dim])?
-                        .f_transpose(1, 2)?)
-                };
                 let out = Tensor::f_scaled_dot_product_attention::<Tensor>(
                     &q.f_reshape([1, heads, 1, head_dim])?,
-                    &context(k_pool)?,
-                    &context(v_pool)?,
+                    &keys.f_unsqueeze(0)?,
+                    &values.f_unsqueeze(0)?,
                     None,
                     0.0,
                     false,
@@ -88,8 +86,6 @@ pub fn attend(
                 )?;
                 return Ok(out.f_reshape([1, heads * head_dim])?);
             }
-            let keys = per_head(k_pool)?;
-            let values = per_head(v_pool)?;
             let q = q.f_reshape([b * kv_heads, group, head_dim])?;
             let scores = q
                 .f_bmm(&keys.f_transpose(1, 2)?)?
@@ -112,13 +108,5 @@ fn dims3(x: &Tensor) -> [i64; 3] {
         s.first().copied().unwrap_or(0),
         s.get(1).copied().unwrap_or(0),
         s.get(2).copied().unwrap_or(0),
-    ]
-}
-
-fn dims2(x: &Tensor) -> [i64; 2] {
-    let s = x.size();
-    [
-        s.first().copied().unwrap_or(0),
-        s.get(1).copied().unwrap_or(0),
     ]
 }

@@ -404,8 +404,12 @@ impl Engine {
         let mut tokens = Vec::with_capacity(b);
         let mut positions = Vec::with_capacity(b);
         let mut slots = Vec::with_capacity(b);
-        let mut gather = vec![0i64; b * max_len];
+        let kv_heads = self.model.config().num_kv_heads;
+        // Pool rows (pool viewed as [slots * kv_heads, head_dim]) of every context
+        // position, ordered by sequence, KV head, position: see AttentionPlan::Decode.
+        let mut rows = vec![0i64; b * kv_heads * max_len];
         let mut mask = vec![f32::NEG_INFINITY; b * max_len];
+        let mut context = vec![0i64; max_len];
         for (row, &i) in active.iter().enumerate() {
             let s = &batch.seqs[i];
             let pos = s.tokens.len() - 1;
@@ -413,13 +417,18 @@ impl Engine {
             positions.push(pos as i64);
             // Padding points at the sequence's own first slot, which always holds
             // finite values, so that the -inf mask can never meet garbage.
-            let first = self.slot(s.id, &s.block_table, 0)?;
-            gather[row * max_len..(row + 1) * max_len].fill(first);
-            for p in 0..=pos {
-                gather[row * max_len + p] = self.slot(s.id, &s.block_table, p)?;
-                mask[row * max_len + p] = 0.0;
+            context.fill(self.slot(s.id, &s.block_table, 0)?);
+            for (p, slot) in context.iter_mut().enumerate().take(pos + 1) {
+                *slot = self.slot(s.id, &s.block_table, p)?;
             }
-            slots.push(gather[row * max_len + pos]);
+            mask[row * max_len..row * max_len + pos + 1].fill(0.0);
+            slots.push(context[pos]);
+            for h in 0..kv_heads {
+                let out = &mut rows[(row * kv_heads + h) * max_len..][..max_len];
+                for (dst, &slot) in out.iter_mut().zip(&context) {
+                    *dst = slot * kv_heads as i64 + h as i64;
+                }
+            }
         }
         let device = self.model.device();
         let (b, l) = (b as i64, max_len as i64);
@@ -429,7 +438,7 @@ impl Engine {
             slots: self.device_i64(&slots)?,
             last_index: Tensor::f_arange(b, (Kind::Int64, device))?,
             attention: AttentionPlan::Decode {
-                gather: self.device_i64(&gather)?.f_view([b, l])?,
+                rows: self.device_i64(&rows)?,
                 mask: Tensor::f_from_slice(&mask)?
                     .f_view([b, 1, 1, l])?
                     .f_to_device(device)?,
