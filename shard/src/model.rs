@@ -235,13 +235,16 @@ impl Llama {
             if let Some(bias) = &layer.qkv_bias {
                 qkv = qkv.f_add(bias)?;
             }
-            let q = qkv.f_narrow(1, 0, nh * hd)?.f_view([t, nh, hd])?;
-            let k = qkv.f_narrow(1, nh * hd, nkv * hd)?.f_view([t, nkv, hd])?;
+            // Rotary embedding on the query and key heads together, in one pass.
+            let qk = qkv
+                .f_narrow(1, 0, (nh + nkv) * hd)?
+                .f_view([t, nh + nkv, hd])?;
+            let qk = Self::apply_rotary(&qk, &cos, &sin)?;
+            let q = qk.f_narrow(1, 0, nh)?;
+            let k = qk.f_narrow(1, nh, nkv)?;
             let v = qkv
                 .f_narrow(1, (nh + nkv) * hd, nkv * hd)?
                 .f_view([t, nkv, hd])?;
-            let q = Self::apply_rotary(&q, &cos, &sin)?;
-            let k = Self::apply_rotary(&k, &cos, &sin)?;
             let _ = cache.keys[i].f_index_copy_(0, &input.slots, &k)?;
             let _ = cache.values[i].f_index_copy_(0, &input.slots, &v)?;
             let attn = attention::attend(
