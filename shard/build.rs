@@ -2,6 +2,12 @@
 //! binaries and tests run without LD_LIBRARY_PATH (a deployment can still point
 //! LD_LIBRARY_PATH elsewhere, e.g. at a GPU machine's own torch/lib), and records
 //! the absolute path of the default model for `--model`'s default.
+//!
+//! With the `cuda` feature it also links `libtorch_cuda.so` from the real torch/lib
+//! folder of the wheel (not the CPU-only link folder) with `--no-as-needed`: nothing in
+//! the binary references its symbols, so without that flag the linker drops it, its CUDA
+//! hooks never register and `Cuda::is_available()` is false. Build such a binary with
+//! `scripts/build-cuda.sh` (a separate target dir, `LIBTORCH_LIB` pointed at the wheel).
 fn main() {
     for var in ["TESSERA_TORCH_LIB", "TESSERA_DEFAULT_MODEL"] {
         println!("cargo:rerun-if-env-changed={var}");
@@ -11,8 +17,24 @@ fn main() {
             .map(|p| p.display().to_string())
             .unwrap_or(p)
     };
-    if let Ok(lib) = std::env::var("TESSERA_TORCH_LIB") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", absolute(lib));
+    let torch_lib = std::env::var("TESSERA_TORCH_LIB").ok().map(absolute);
+    if let Some(lib) = &torch_lib {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    }
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        let lib =
+            torch_lib.expect("the cuda feature needs TESSERA_TORCH_LIB (the wheel's torch/lib)");
+        let cuda = std::path::Path::new(&lib).join("libtorch_cuda.so");
+        if !cuda.exists() {
+            panic!(
+                "the cuda feature needs {} (run scripts/setup.sh)",
+                cuda.display()
+            );
+        }
+        println!("cargo:rustc-link-arg=-L{lib}");
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
     let model = std::env::var("TESSERA_DEFAULT_MODEL").unwrap_or_default();
     println!("cargo:rustc-env=TESSERA_BUILTIN_MODEL={}", absolute(model));

@@ -5,5 +5,6 @@ pub mod chat_template;
 pub mod config;
 pub mod detokenize;
 pub mod gguf;
+pub mod prompt;
 pub mod safetensors_folder;
 pub mod tokenizer;

@@ -36,8 +36,22 @@ pub fn parse_device(name: &str) -> Result<Device> {
         if i as i64 >= Cuda::device_count() {
             return Err(EngineError::DeviceUnavailable(name.to_string()));
         }
+        prefer_fused_attention_kernels();
     }
     Ok(device)
+}
+
+/// On Hopper and newer GPUs with cuDNN > 9.15, libtorch 2.11 tries cuDNN's attention first,
+/// and cuDNN builds a new execution graph for every sequence length it has not seen: on an
+/// H100 that cost 35-45 ms per call against 0.03-0.09 ms for the flash kernel
+/// (bench/gpu/sdpa_probe.py), i.e. every decode step and every new prompt length.
+/// `TORCH_CUDNN_SDPA_DEPRIORITIZED` (read once, at the first attention call) puts cuDNN
+/// last again. An explicit setting in the environment is left alone.
+fn prefer_fused_attention_kernels() {
+    const VAR: &str = "TORCH_CUDNN_SDPA_DEPRIORITIZED";
+    if std::env::var_os(VAR).is_none() {
+        std::env::set_var(VAR, "1");
+    }
 }
 
 #[cfg(test)]

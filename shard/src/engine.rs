@@ -466,6 +466,15 @@ impl Engine {
         let mut out = Vec::with_capacity(view.active.len());
         for (row, &i) in rows.chunks_mut(vocab).zip(view.active.iter()) {
             let seq = &mut view.batch.seqs[i];
+            let criteria = seq.stop.criteria();
+            if !criteria.ignore_eos && seq.stop.generated_tokens() < criteria.min_new_tokens {
+                // Too early to end: EOS may not be chosen (vLLM's `min_tokens`).
+                for &eos in &criteria.eos_token_ids {
+                    if let Some(logit) = row.get_mut(eos as usize) {
+                        *logit = f32::NEG_INFINITY;
+                    }
+                }
+            }
             let sampled = seq.sampler.sample(row);
             seq.tokens.push(sampled.id);
             let text = seq.decoder.step(&self.tokenizer, sampled.id).map_err(|e| {

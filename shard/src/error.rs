@@ -40,6 +40,8 @@ pub enum EngineError {
     DeviceUnavailable(String),
     #[error("request {id}: {message}")]
     Request { id: u64, message: String },
+    #[error("batch: {0}")]
+    Batch(String),
     #[error("KV cache exhausted: {0}")]
     KvCache(String),
     #[error("tokenizing the prompt failed: {0}")]

@@ -13,6 +13,7 @@ pub mod memory;
 pub mod model;
 pub mod model_files;
 pub mod sampling;
+pub mod server;
 pub mod stopping;
 pub mod weights;
 

@@ -8,6 +8,7 @@ use tessera_shard::bench::{self, BenchArgs};
 use tessera_shard::cli::{engine_config, model_path, ModelArgs};
 use tessera_shard::kv_cache::BlockAllocator;
 use tessera_shard::sampling::SamplingParams;
+use tessera_shard::server::{self, ServeArgs};
 use tessera_shard::stopping::StoppingCriteria;
 use tessera_shard::{Engine, GenerateRequest};
 
@@ -24,6 +25,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Print load time, prefill and decode throughput and peak memory.
     Bench(BenchArgs),
+    /// Serve the router–shard gRPC contract (one process per rank).
+    Serve(ServeArgs),
 }
 
 #[derive(Args)]
@@ -87,6 +90,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             eos_token_ids: engine.eos_ids().to_vec(),
             stop_sequences: args.stop.clone(),
             ignore_eos: args.ignore_eos,
+            min_new_tokens: 0,
         },
         block_table,
     };
@@ -112,16 +116,23 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The server logs its progress; the one-shot commands only warnings.
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
     let _guard = tch::no_grad_guard();
-    match Cli::parse().command {
+    match cli.command {
         Command::Generate(args) => generate(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => server::serve(args),
     }
 }

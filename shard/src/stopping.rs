@@ -44,6 +44,10 @@ pub struct StoppingCriteria {
     pub stop_sequences: Vec<String>,
     /// Keep generating through EOS tokens (benchmarks).
     pub ignore_eos: bool,
+    /// EOS tokens and stop sequences do not end the sequence before this many
+    /// generated tokens (the engine also keeps EOS from being sampled until then).
+    #[serde(default)]
+    pub min_new_tokens: u32,
 }
 
 /// Tracks one sequence's generated tokens and text against its criteria.
@@ -102,10 +106,13 @@ impl StopChecker {
         let old_len = self.text.len();
         self.text.push_str(new_text);
 
-        let reason = if !self.criteria.ignore_eos && self.criteria.eos_token_ids.contains(&token_id)
+        let early = self.tokens < self.criteria.min_new_tokens;
+        let reason = if !early
+            && !self.criteria.ignore_eos
+            && self.criteria.eos_token_ids.contains(&token_id)
         {
             Some(FinishReason::EosToken)
-        } else if !new_text.is_empty() && self.find_stop(old_len) {
+        } else if !early && !new_text.is_empty() && self.find_stop(old_len) {
             Some(FinishReason::StopSequence)
         } else if self.tokens >= self.criteria.max_new_tokens {
             Some(FinishReason::Length)
@@ -227,7 +234,30 @@ mod tests {
             eos_token_ids: eos.to_vec(),
             stop_sequences: stops.iter().map(|s| s.to_string()).collect(),
             ignore_eos: false,
+            min_new_tokens: 0,
         })
+    }
+
+    #[test]
+    fn min_new_tokens_defers_eos_and_stop_sequences() {
+        let mut c = StopChecker::new(StoppingCriteria {
+            max_new_tokens: 10,
+            eos_token_ids: vec![2],
+            stop_sequences: vec!["x".into()],
+            ignore_eos: false,
+            min_new_tokens: 3,
+        });
+        assert_eq!(c.push(2, ""), None);
+        assert_eq!(c.push(5, "x"), None);
+        assert_eq!(c.push(2, ""), Some(FinishReason::EosToken));
+        let mut c = StopChecker::new(StoppingCriteria {
+            max_new_tokens: 10,
+            eos_token_ids: vec![],
+            stop_sequences: vec!["y".into()],
+            ignore_eos: false,
+            min_new_tokens: 1,
+        });
+        assert_eq!(c.push(5, "y"), Some(FinishReason::StopSequence));
     }
 
     #[test]
@@ -283,6 +313,7 @@ mod tests {
             eos_token_ids: vec![2],
             stop_sequences: vec![],
             ignore_eos: true,
+            min_new_tokens: 0,
         });
         assert_eq!(c.push(2, ""), None);
         assert_eq!(c.push(2, ""), None);

@@ -67,6 +67,7 @@ pub fn sampled_request(
             eos_token_ids: engine.eos_ids().to_vec(),
             stop_sequences: Vec::new(),
             ignore_eos: true,
+            min_new_tokens: 0,
         },
         block_table,
     }

@@ -1,0 +1,448 @@
+//! The batching task: owns the waiting queue, the running batch and the block
+//! allocator; between decode steps it prefills newcomers and merges them in.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use tessera_proto as pb;
+use tokio::sync::mpsc;
+use tracing::{info_span, warn, Instrument};
+
+use super::blocks::BlockAllocator;
+use super::policy::{admit, should_prefill, Need};
+use super::{Entry, Health, HealthReporter};
+use crate::client::{ClientError, ShardedClient};
+use crate::config::BatchingConfig;
+use crate::infer::{FinishReason, GeneratedText, InferError, InferStreamResponse, Token};
+use crate::metrics::Metrics;
+
+/// A request in the running batch.
+struct Active {
+    entry: Entry,
+    blocks: Vec<u32>,
+    start: Instant,
+    generated: u32,
+    text: String,
+}
+
+struct Running {
+    /// Shard batches to decode together (merged into the first by the next step).
+    batch_ids: Vec<u64>,
+    requests: HashMap<u64, Active>,
+}
+
+pub struct BatchingTask {
+    client: ShardedClient,
+    config: BatchingConfig,
+    blocks: BlockAllocator,
+    metrics: Metrics,
+    health: HealthReporter,
+    waiting: VecDeque<(u64, Entry)>,
+    running: Running,
+    next_request_id: u64,
+    next_batch_id: u64,
+    steps_since_prefill: u32,
+}
+
+fn token(t: Option<pb::Token>) -> Token {
+    let t = t.unwrap_or_default();
+    Token {
+        id: t.id,
+        text: t.text,
+        logprob: t.logprob,
+        special: t.special,
+    }
+}
+
+fn finish_reason(code: i32) -> Option<FinishReason> {
+    match pb::FinishReason::try_from(code).unwrap_or(pb::FinishReason::Unspecified) {
+        pb::FinishReason::Unspecified => None,
+        pb::FinishReason::Length => Some(FinishReason::Length),
+        pb::FinishReason::EosToken => Some(FinishReason::EosToken),
+        pb::FinishReason::StopSequence => Some(FinishReason::StopSequence),
+    }
+}
+
+impl BatchingTask {
+    pub fn new(
+        client: ShardedClient,
+        config: BatchingConfig,
+        num_blocks: u32,
+        block_size: u32,
+        metrics: Metrics,
+        health: HealthReporter,
+    ) -> Self {
+        let blocks = BlockAllocator::new(num_blocks, block_size, config.max_batch_total_tokens);
+        metrics.kv_blocks_free.set(blocks.free() as i64);
+        metrics.kv_blocks_used.set(0);
+        Self {
+            client,
+            config,
+            blocks,
+            metrics,
+            health,
+            waiting: VecDeque::new(),
+            running: Running {
+                batch_ids: Vec::new(),
+                requests: HashMap::new(),
+            },
+            next_request_id: 0,
+            next_batch_id: 0,
+            steps_since_prefill: 0,
+        }
+    }
+
+    /// KV tokens the router may hand out in all.
+    pub fn capacity_tokens(&self) -> u64 {
+        self.blocks.total() as u64 * self.blocks.block_size() as u64
+    }
+
+    /// Runs until the entry channel closes and every request is done.
+    pub async fn run(mut self, mut entries: mpsc::UnboundedReceiver<Entry>) {
+        let mut open = true;
+        loop {
+            if open && self.running.requests.is_empty() && self.waiting.is_empty() {
+                match entries.recv().await {
+                    Some(entry) => self.enqueue(entry),
+                    None => open = false,
+                }
+            }
+            while open {
+                match entries.try_recv() {
+                    Ok(entry) => self.enqueue(entry),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            if !open && self.running.requests.is_empty() && self.waiting.is_empty() {
+                break;
+            }
+            self.waiting.retain(|(_, e)| !e.response.is_closed());
+            if should_prefill(
+                &self.config,
+                self.waiting.len(),
+                self.running.requests.len(),
+                self.steps_since_prefill,
+            ) {
+                self.prefill().await;
+            }
+            self.update_gauges();
+            if !self.running.requests.is_empty() {
+                self.decode().await;
+                self.drop_cancelled().await;
+            } else if !self.waiting.is_empty() {
+                // Waiting requests that do not fit yet wait for blocks to come back;
+                // with nothing running none will, unless they were cancelled.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+
+    fn enqueue(&mut self, entry: Entry) {
+        let needed =
+            entry.request.input_ids.len() as u64 + entry.request.stopping.max_new_tokens as u64;
+        let capacity = self.capacity_tokens();
+        if self.blocks.blocks_for(needed) > self.blocks.total() as u64 {
+            let _ = entry
+                .response
+                .send(Err(InferError::TooLarge { needed, capacity }));
+            return;
+        }
+        let id = self.next_request_id;
+        self.next_request_id += 1;
+        self.waiting.push_back((id, entry));
+    }
+
+    fn update_gauges(&self) {
+        self.metrics.queue_size.set(self.waiting.len() as i64);
+        self.metrics
+            .batch_size
+            .set(self.running.requests.len() as i64);
+        self.metrics.kv_blocks_free.set(self.blocks.free() as i64);
+        self.metrics.kv_blocks_used.set(self.blocks.used() as i64);
+    }
+
+    fn need(&self, entry: &Entry) -> Need {
+        let input = entry.request.input_ids.len() as u64;
+        Need {
+            input_tokens: input,
+            blocks: self
+                .blocks
+                .blocks_for(input + entry.request.stopping.max_new_tokens as u64),
+        }
+    }
+
+    async fn prefill(&mut self) {
+        let count = admit(
+            &self.config,
+            self.waiting.iter().map(|(_, e)| self.need(e)),
+            self.running.requests.len(),
+            self.blocks.free() as u64,
+        );
+        if count == 0 {
+            return;
+        }
+        self.steps_since_prefill = 0;
+        let batch_id = self.next_batch_id;
+        self.next_batch_id += 1;
+        let mut requests = Vec::with_capacity(count);
+        let mut new = HashMap::with_capacity(count);
+        let start = Instant::now();
+        for (id, entry) in self.waiting.drain(..count).collect::<Vec<_>>() {
+            let need = self.need(&entry);
+            let Some(blocks) = self.blocks.allocate(need.blocks) else {
+                // admit() checked the free blocks; this cannot happen, but never lose a request.
+                let _ = entry
+                    .response
+                    .send(Err(InferError::Unavailable("no free KV blocks".into())));
+                continue;
+            };
+            self.metrics
+                .queue_duration
+                .observe(start.duration_since(entry.queued).as_secs_f64());
+            let r = &entry.request;
+            let p = &r.parameters;
+            requests.push(pb::Request {
+                id,
+                input_ids: r.input_ids.clone(),
+                sampling: Some(pb::SamplingParameters {
+                    temperature: p.temperature,
+                    do_sample: p.do_sample,
+                    top_k: p.top_k,
+                    top_p: p.top_p,
+                    typical_p: p.typical_p,
+                    min_p: p.min_p,
+                    repetition_penalty: p.repetition_penalty,
+                    frequency_penalty: p.frequency_penalty,
+                    presence_penalty: p.presence_penalty,
+                    seed: p.seed,
+                    top_n_tokens: p.top_n_tokens,
+                }),
+                stopping: Some(pb::StoppingParameters {
+                    max_new_tokens: r.stopping.max_new_tokens,
+                    stop_sequences: r.stopping.stop_sequences.clone(),
+                    ignore_eos: r.stopping.ignore_eos,
+                    min_new_tokens: r.stopping.min_new_tokens,
+                }),
+                blocks: blocks.clone(),
+            });
+            new.insert(
+                id,
+                Active {
+                    entry,
+                    blocks,
+                    start,
+                    generated: 0,
+                    text: String::new(),
+                },
+            );
+        }
+        let span = info_span!("prefill", batch_id, size = requests.len());
+        for a in new.values() {
+            span.follows_from(&a.entry.span);
+        }
+        let result = self
+            .client
+            .prefill(pb::Batch {
+                id: batch_id,
+                requests,
+            })
+            .instrument(span)
+            .await;
+        match result {
+            Ok(response) => {
+                if let Some(t) = &response.timings {
+                    self.metrics
+                        .forward_duration
+                        .with_label_values(&["prefill"])
+                        .observe(t.forward_ns as f64 / 1e9);
+                }
+                let ids: Vec<u64> = new.keys().copied().collect();
+                self.running.requests.extend(new);
+                self.handle_generations(response.generations);
+                let kept = match response.batch {
+                    Some(batch) => {
+                        self.running.batch_ids.push(batch.id);
+                        batch.request_ids
+                    }
+                    None => Vec::new(),
+                };
+                self.reconcile(&kept, ids);
+            }
+            Err(e) => {
+                warn!("prefill of batch {batch_id} failed: {e}");
+                let error = self.shard_failed(&e);
+                for (_, active) in new {
+                    self.blocks.release(active.blocks);
+                    let _ = active.entry.response.send(Err(error.clone()));
+                    self.metrics
+                        .requests
+                        .with_label_values(&["generation"])
+                        .inc();
+                }
+                let _ = self.client.clear_cache(Some(batch_id)).await;
+            }
+        }
+    }
+
+    async fn decode(&mut self) {
+        if self.running.batch_ids.is_empty() {
+            // Everything finished on its first token already.
+            self.fail_running(InferError::IncompleteGeneration);
+            return;
+        }
+        let batch_ids = std::mem::take(&mut self.running.batch_ids);
+        let span = info_span!("decode", size = self.running.requests.len());
+        let result = self.client.decode(batch_ids.clone()).instrument(span).await;
+        self.steps_since_prefill = self.steps_since_prefill.saturating_add(1);
+        match result {
+            Ok(response) => {
+                if let Some(t) = &response.timings {
+                    self.metrics
+                        .forward_duration
+                        .with_label_values(&["decode"])
+                        .observe(t.forward_ns as f64 / 1e9);
+                }
+                self.handle_generations(response.generations);
+                let kept = match response.batch {
+                    Some(batch) => {
+                        self.running.batch_ids = vec![batch.id];
+                        batch.request_ids
+                    }
+                    None => Vec::new(),
+                };
+                let all: Vec<u64> = self.running.requests.keys().copied().collect();
+                self.reconcile(&kept, all);
+            }
+            Err(e) => {
+                warn!("decode failed: {e}");
+                self.fail_running(self.shard_failed(&e));
+                for id in batch_ids {
+                    let _ = self.client.clear_cache(Some(id)).await;
+                }
+            }
+        }
+    }
+
+    /// The error for the requests of a failed step; the server is unhealthy
+    /// until the health checker hears from the shards again.
+    fn shard_failed(&self, e: &ClientError) -> InferError {
+        self.health.set(Health::Down(e.to_string()));
+        InferError::Generation(e.to_string())
+    }
+
+    /// Fails every running request with `error` and frees its blocks.
+    fn fail_running(&mut self, error: InferError) {
+        for (_, active) in self.running.requests.drain() {
+            self.blocks.release(active.blocks);
+            let _ = active.entry.response.send(Err(error.clone()));
+            self.metrics
+                .requests
+                .with_label_values(&[error.error_type()])
+                .inc();
+        }
+        self.running.batch_ids.clear();
+    }
+
+    /// Of `candidates` (requests that were in the step), those still running
+    /// here but no longer cached on the shard are failed, never left hanging.
+    fn reconcile(&mut self, kept: &[u64], candidates: Vec<u64>) {
+        for id in candidates {
+            if kept.contains(&id) {
+                continue;
+            }
+            if let Some(active) = self.running.requests.remove(&id) {
+                self.metrics
+                    .requests
+                    .with_label_values(&["generation"])
+                    .inc();
+                self.blocks.release(active.blocks);
+                let _ = active.entry.response.send(Err(InferError::Generation(
+                    "the shard lost this request".into(),
+                )));
+            }
+        }
+    }
+
+    fn handle_generations(&mut self, generations: Vec<pb::Generation>) {
+        let now = Instant::now();
+        for g in generations {
+            let Some(active) = self.running.requests.get_mut(&g.request_id) else {
+                continue;
+            };
+            let top_tokens = g.top_tokens.into_iter().map(|t| token(Some(t))).collect();
+            let token = token(g.token);
+            active.generated += 1;
+            active.text.push_str(&token.text);
+            match finish_reason(g.finish_reason) {
+                None => {
+                    // A closed channel means the client left: drop_cancelled frees it.
+                    let _ = active
+                        .entry
+                        .response
+                        .send(Ok(InferStreamResponse::Intermediate { token, top_tokens }));
+                }
+                Some(reason) => {
+                    let Some(active) = self.running.requests.remove(&g.request_id) else {
+                        continue;
+                    };
+                    let params = &active.entry.request.parameters;
+                    let generated_text = GeneratedText {
+                        text: active.text,
+                        generated_tokens: active.generated,
+                        finish_reason: reason,
+                        seed: params.do_sample.then_some(params.seed),
+                    };
+                    self.metrics
+                        .inference_duration
+                        .observe(now.duration_since(active.start).as_secs_f64());
+                    let _ = active.entry.response.send(Ok(InferStreamResponse::End {
+                        token,
+                        top_tokens,
+                        generated_text,
+                        queued: active.entry.queued,
+                        start: active.start,
+                    }));
+                    self.blocks.release(active.blocks);
+                }
+            }
+        }
+    }
+
+    /// Removes requests whose clients went away from the shard batch and frees their blocks.
+    async fn drop_cancelled(&mut self) {
+        let cancelled: Vec<u64> = self
+            .running
+            .requests
+            .iter()
+            .filter(|(_, a)| a.entry.response.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        if cancelled.is_empty() {
+            return;
+        }
+        for id in &cancelled {
+            if let Some(active) = self.running.requests.remove(id) {
+                self.blocks.release(active.blocks);
+                self.metrics
+                    .requests
+                    .with_label_values(&["cancelled"])
+                    .inc();
+            }
+        }
+        let keep: Vec<u64> = self.running.requests.keys().copied().collect();
+        let Some(&batch_id) = self.running.batch_ids.first() else {
+            return;
+        };
+        match self.client.filter_batch(batch_id, keep).await {
+            Ok(Some(batch)) => self.running.batch_ids = vec![batch.id],
+            Ok(None) => self.running.batch_ids.clear(),
+            Err(e) => {
+                warn!("filtering batch {batch_id} failed: {e}");
+                self.fail_running(self.shard_failed(&e));
+                let _ = self.client.clear_cache(Some(batch_id)).await;
+            }
+        }
+        self.update_gauges();
+    }
+}

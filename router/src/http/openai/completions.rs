@@ -1,0 +1,266 @@
+//! `POST /v1/completions`: one choice per prompt and per `n`.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::common::{
+    extend_completion_logprobs, generate_parameters, visible_tokens, ResponseMeta, TokenWithTop,
+};
+use super::schema::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage};
+use super::stream::{spawn_stream, ChoiceStream, ChunkWriter, StreamPlan};
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::extract::JsonBody;
+use crate::http::generation::{combined_stats, first_token, generate_all, with_seeds};
+use crate::http::request_metrics::RequestMetrics;
+use crate::http::sse::data_event;
+use crate::http::stop::trim_stop_sequence;
+use crate::http::AppState;
+use crate::infer::{FinishReason, ValidGenerateRequest};
+
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "OpenAI",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The completion; with `stream: true`, chunks then `data: [DONE]`", content(
+            (Completion = "application/json"),
+            (Completion = "text/event-stream"),
+        )),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "Invalid request", body = ErrorBody),
+        (status = 424, description = "Generation error", body = ErrorBody),
+        (status = 429, description = "Too many requests", body = ErrorBody),
+        (status = 503, description = "Model not ready", body = ErrorBody),
+    )
+)]
+#[tracing::instrument(skip_all)]
+pub async fn completions(
+    State(state): State<AppState>,
+    body: Result<JsonBody<CompletionRequest>, ApiError>,
+) -> Response {
+    let mut metrics = RequestMetrics::start(&state.metrics);
+    let result = async {
+        let JsonBody(body) = body?;
+        complete(&state, body, &mut metrics).await
+    }
+    .await;
+    match result {
+        Ok(response) => response,
+        Err(error) => {
+            metrics.failure(error.error_type);
+            error.into_response()
+        }
+    }
+}
+
+async fn complete(
+    state: &AppState,
+    body: CompletionRequest,
+    metrics: &mut RequestMetrics,
+) -> Result<Response, ApiError> {
+    let n = state.validation.check_count("n", body.sampling.n)?;
+    let prompts = body.prompt.into_vec();
+    if prompts.is_empty() {
+        return Err(ApiError::validation("`prompt` cannot be empty"));
+    }
+    let parameters = generate_parameters(&body.sampling, body.max_tokens, body.logprobs);
+    let stops = parameters.stop.clone();
+    let logprobs = body.logprobs.is_some();
+    let echo = body.echo.unwrap_or(false);
+    // Validated once per prompt; `n` copies of each with consecutive seeds.
+    let mut requests: Vec<ValidGenerateRequest> = Vec::new();
+    let mut prompt_tokens = 0u32;
+    let mut echoes: HashMap<u32, String> = HashMap::new();
+    for prompt in prompts {
+        let request = state
+            .validation
+            .validate(prompt, parameters.clone())
+            .await?;
+        prompt_tokens += request.input_ids.len() as u32;
+        for copy in with_seeds(request, n) {
+            if echo {
+                echoes.insert(requests.len() as u32, copy.inputs.clone());
+            }
+            requests.push(copy);
+        }
+    }
+    metrics.validated();
+    let meta = ResponseMeta::new("cmpl", &state.info);
+
+    if body.sampling.stream.unwrap_or(false) {
+        let mut choices = Vec::with_capacity(requests.len());
+        for (index, request) in (0u32..).zip(requests) {
+            choices.push(ChoiceStream {
+                index,
+                stream: state.infer.generate_stream(request)?,
+            });
+        }
+        let plan = StreamPlan {
+            choices,
+            stop_sequences: stops,
+            logprobs,
+            include_usage: body
+                .sampling
+                .stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+            prompt_tokens,
+        };
+        let writer = CompletionChunkWriter {
+            meta,
+            logprobs,
+            echoes,
+            offsets: HashMap::new(),
+        };
+        return Ok(spawn_stream(plan, writer, metrics.hand_over()));
+    }
+
+    let collected = generate_all(&state.infer, requests).await?;
+    if let Some(at) = first_token(&collected) {
+        metrics.token_at(at);
+    }
+    let choices: Vec<CompletionChoice> = (0u32..)
+        .zip(&collected)
+        .map(|(index, c)| {
+            let r = &c.response;
+            let reason = r.generated_text.finish_reason;
+            let generated = trim_stop_sequence(&r.generated_text.text, &stops, reason);
+            let prefix = echoes.get(&index).cloned().unwrap_or_default();
+            let logprobs = logprobs.then(|| {
+                let mut lp = CompletionLogprobs::default();
+                let mut offset = prefix.len();
+                let tokens = visible_tokens(&r.tokens, &r.top_tokens, generated.len());
+                extend_completion_logprobs(&mut lp, &tokens, &mut offset);
+                lp
+            });
+            CompletionChoice {
+                index,
+                text: prefix + &generated,
+                logprobs,
+                finish_reason: Some(reason.as_openai().to_string()),
+            }
+        })
+        .collect();
+    let completion_tokens = collected
+        .iter()
+        .map(|c| c.response.generated_text.generated_tokens)
+        .sum();
+    if let Some(stats) = combined_stats(prompt_tokens, &collected) {
+        metrics.success(stats);
+    }
+    Ok(Json(Completion {
+        id: meta.id,
+        object: "text_completion".into(),
+        created: meta.created,
+        model: meta.model,
+        system_fingerprint: meta.system_fingerprint,
+        choices,
+        usage: Some(Usage::new(prompt_tokens, completion_tokens)),
+    })
+    .into_response())
+}
+
+/// Chunks of `text_completion`.
+pub struct CompletionChunkWriter {
+    pub meta: ResponseMeta,
+    pub logprobs: bool,
+    /// Prompt to send first, by choice (`echo`).
+    pub echoes: HashMap<u32, String>,
+    /// Bytes of text sent so far, by choice (for `text_offset`).
+    pub offsets: HashMap<u32, usize>,
+}
+
+impl CompletionChunkWriter {
+    fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> Completion {
+        Completion {
+            id: self.meta.id.clone(),
+            object: "text_completion".into(),
+            created: self.meta.created,
+            model: self.meta.model.clone(),
+            system_fingerprint: self.meta.system_fingerprint.clone(),
+            choices,
+            usage,
+        }
+    }
+}
+
+impl ChunkWriter for CompletionChunkWriter {
+    fn opening(&mut self, index: u32) -> Option<Bytes> {
+        let prompt = self.echoes.get(&index)?.clone();
+        self.offsets.insert(index, prompt.len());
+        let choice = CompletionChoice {
+            index,
+            text: prompt,
+            logprobs: None,
+            finish_reason: None,
+        };
+        Some(data_event(&self.chunk(vec![choice], None)))
+    }
+
+    fn delta(
+        &mut self,
+        index: u32,
+        text: String,
+        tokens: Vec<TokenWithTop>,
+        finish_reason: Option<FinishReason>,
+    ) -> Bytes {
+        let offset = self.offsets.entry(index).or_insert(0);
+        let logprobs = self.logprobs.then(|| {
+            let mut lp = CompletionLogprobs::default();
+            let mut token_offset = *offset;
+            extend_completion_logprobs(&mut lp, &tokens, &mut token_offset);
+            lp
+        });
+        *offset += text.len();
+        let choice = CompletionChoice {
+            index,
+            text,
+            logprobs,
+            finish_reason: finish_reason.map(|r| r.as_openai().to_string()),
+        };
+        data_event(&self.chunk(vec![choice], None))
+    }
+
+    fn usage(&mut self, usage: Usage) -> Bytes {
+        data_event(&self.chunk(vec![], Some(usage)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(frame: Bytes) -> serde_json::Value {
+        let text = std::str::from_utf8(&frame).unwrap();
+        serde_json::from_str(text.strip_prefix("data: ").unwrap().trim_end()).unwrap()
+    }
+
+    #[test]
+    fn chunk_frames_with_echo() {
+        let mut w = CompletionChunkWriter {
+            meta: ResponseMeta {
+                id: "cmpl-x".into(),
+                created: 1,
+                model: "m".into(),
+                system_fingerprint: "fp".into(),
+            },
+            logprobs: false,
+            echoes: HashMap::from([(0, "Say".to_string())]),
+            offsets: HashMap::new(),
+        };
+        assert!(w.opening(1).is_none());
+        let open = parse(w.opening(0).unwrap());
+        assert_eq!(open["object"], "text_completion");
+        assert_eq!(open["choices"][0]["text"], "Say");
+        assert!(open.get("usage").is_none());
+        let end = parse(w.delta(0, " hi".into(), vec![], Some(FinishReason::Length)));
+        assert_eq!(end["choices"][0]["text"], " hi");
+        assert_eq!(end["choices"][0]["finish_reason"], "length");
+        assert_eq!(w.offsets[&0], 6);
+    }
+}

@@ -1,0 +1,402 @@
+//! OpenAI's chat and text completion bodies (plus vLLM's and llama.cpp's
+//! sampling extensions). Unknown fields are ignored; `model` is accepted
+//! whatever it says.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// `stop`: one string or several.
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum StopSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopSpec {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            StopSpec::One(s) => vec![s],
+            StopSpec::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, ToSchema)]
+pub struct StreamOptions {
+    /// Send a last chunk with `usage` (and no choices) before `[DONE]`.
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+/// Sampling fields common to both routes.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct SamplingFields {
+    /// 0 means greedy decoding. Default 1 (sampling).
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// Choices to generate, with seeds `seed`, `seed + 1`, ...
+    pub n: Option<u32>,
+    pub stop: Option<StopSpec>,
+    pub seed: Option<u64>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    /// vLLM extension: do not stop at EOS.
+    pub ignore_eos: Option<bool>,
+    /// vLLM extension: EOS and stop sequences are ignored before this many tokens.
+    pub min_tokens: Option<u32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+/// `content` of a message: a string or an array of parts.
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+/// A content part; only `{"type": "text", "text": ...}` is supported.
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+pub struct ChatRequestMessage {
+    #[schema(example = "user")]
+    pub role: String,
+    /// May be null (assistant messages with tool calls).
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ChatCompletionRequest {
+    /// Ignored: the server has one model.
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<ChatRequestMessage>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Preferred over `max_tokens`.
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
+    /// Return the log probability of each token.
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// Alternatives per token (with `logprobs`).
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// `prompt`: one string or several (each its own choice).
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum PromptSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl PromptSpec {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            PromptSpec::One(s) => vec![s],
+            PromptSpec::Many(v) => v,
+        }
+    }
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct CompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub prompt: PromptSpec,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Alternatives per token to return (0 returns only the chosen tokens' logprobs).
+    #[serde(default)]
+    pub logprobs: Option<u32>,
+    /// Prepend the prompt to the text.
+    #[serde(default)]
+    pub echo: Option<bool>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChatMessageOut {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: ChatMessageOut,
+    pub logprobs: Option<ChatLogprobs>,
+    /// `stop` or `length`.
+    pub finish_reason: String,
+}
+
+/// `POST /v1/chat/completions` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChatCompletion {
+    pub id: String,
+    /// `chat.completion`.
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChatDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChatChunkChoice {
+    pub index: u32,
+    pub delta: ChatDelta,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<String>,
+}
+
+/// One SSE event of a streamed chat completion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    /// `chat.completion.chunk`.
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<ChatChunkChoice>,
+    /// Only in the last chunk, with `stream_options.include_usage`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// Logprobs of `/v1/completions` (the legacy shape).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    /// Byte offset of each token in the choice's text.
+    pub text_offset: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CompletionChoice {
+    pub index: u32,
+    pub text: String,
+    pub logprobs: Option<CompletionLogprobs>,
+    /// `stop` or `length`; null in streamed chunks but the last of the choice.
+    pub finish_reason: Option<String>,
+}
+
+/// `POST /v1/completions` answer, and each of its SSE chunks (`usage` only
+/// in the answer and in the usage chunk).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Completion {
+    pub id: String,
+    /// `text_completion`.
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<CompletionChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ModelCard {
+    pub id: String,
+    /// `model`.
+    pub object: String,
+    pub created: u64,
+    pub owned_by: String,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ModelList {
+    /// `list`.
+    pub object: String,
+    pub data: Vec<ModelCard>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn chat_request_variants() {
+        let r: ChatCompletionRequest = serde_json::from_value(json!({
+            "model": "gpt-4o",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "!"}]},
+                {"role": "assistant", "content": null, "tool_calls": []}
+            ],
+            "max_completion_tokens": 5, "temperature": 0, "n": 2, "stop": "\n",
+            "logprobs": true, "top_logprobs": 2, "stream": true,
+            "stream_options": {"include_usage": true}, "top_k": 5, "min_p": 0.1,
+            "ignore_eos": true, "min_tokens": 2, "repetition_penalty": 1.1,
+            "response_format": {"type": "text"}, "user": "me"
+        }))
+        .unwrap();
+        assert_eq!(r.messages.len(), 3);
+        assert_eq!(
+            r.messages[0].content,
+            Some(MessageContent::Text("Be brief.".into()))
+        );
+        assert!(
+            matches!(&r.messages[1].content, Some(MessageContent::Parts(p)) if p.len() == 2 && p[0].kind == "text")
+        );
+        assert_eq!(r.messages[2].content, None);
+        assert_eq!(r.max_completion_tokens, Some(5));
+        assert_eq!(r.sampling.temperature, Some(0.0));
+        assert_eq!(r.sampling.n, Some(2));
+        assert_eq!(
+            r.sampling.stop.clone().map(StopSpec::into_vec),
+            Some(vec!["\n".to_string()])
+        );
+        assert_eq!(r.sampling.stream, Some(true));
+        assert_eq!(
+            r.sampling
+                .stream_options
+                .clone()
+                .and_then(|o| o.include_usage),
+            Some(true)
+        );
+        assert_eq!(
+            (
+                r.sampling.top_k,
+                r.sampling.min_tokens,
+                r.sampling.ignore_eos
+            ),
+            (Some(5), Some(2), Some(true))
+        );
+    }
+
+    #[test]
+    fn chat_request_nulls_and_minimum() {
+        let r: ChatCompletionRequest = serde_json::from_value(json!({
+            "messages": [{"role": "user", "content": "x"}],
+            "stop": null, "n": null, "stream": null, "logprobs": null, "max_tokens": 7
+        }))
+        .unwrap();
+        assert_eq!(r.model, None);
+        assert_eq!(r.max_tokens, Some(7));
+        assert!(r.sampling.stop.is_none() && r.sampling.stream.is_none());
+        assert!(serde_json::from_value::<ChatCompletionRequest>(json!({"model": "x"})).is_err());
+    }
+
+    #[test]
+    fn completion_request_variants() {
+        let r: CompletionRequest = serde_json::from_value(
+            json!({"model": "m", "prompt": "Say", "logprobs": 2, "echo": true, "stop": ["a", "b"]}),
+        )
+        .unwrap();
+        assert_eq!(r.prompt.clone().into_vec(), vec!["Say".to_string()]);
+        assert_eq!((r.logprobs, r.echo), (Some(2), Some(true)));
+        assert_eq!(
+            r.sampling.stop.map(StopSpec::into_vec).map(|v| v.len()),
+            Some(2)
+        );
+        let r: CompletionRequest = serde_json::from_value(json!({"prompt": ["a", "b"]})).unwrap();
+        assert_eq!(r.prompt.into_vec().len(), 2);
+        assert!(serde_json::from_value::<CompletionRequest>(json!({"prompt": 5})).is_err());
+    }
+
+    #[test]
+    fn chunk_serialization() {
+        let chunk = ChatCompletionChunk {
+            id: "chatcmpl-1".into(),
+            object: "chat.completion.chunk".into(),
+            created: 1,
+            model: "m".into(),
+            system_fingerprint: "fp".into(),
+            choices: vec![ChatChunkChoice {
+                index: 0,
+                delta: ChatDelta {
+                    role: Some("assistant".into()),
+                    content: Some(String::new()),
+                },
+                logprobs: None,
+                finish_reason: None,
+            }],
+            usage: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&chunk).unwrap(),
+            json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "system_fingerprint": "fp", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                "logprobs": null, "finish_reason": null}]})
+        );
+        assert_eq!(
+            serde_json::to_value(Usage::new(3, 4)).unwrap(),
+            json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})
+        );
+    }
+}

@@ -1,0 +1,180 @@
+//! Prometheus metrics of the router, on `GET /metrics` (`tessera_` prefix,
+//! base units in names).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Buckets for latencies of LLM requests: from 1 ms to 10 minutes.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+];
+/// Buckets for token counts per request.
+const TOKEN_BUCKETS: &[f64] = &[
+    1.0, 4.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
+];
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Finished requests by outcome (`success` or the error type).
+    pub requests: IntCounterVec,
+    pub request_duration: Histogram,
+    pub queue_duration: Histogram,
+    pub validation_duration: Histogram,
+    pub inference_duration: Histogram,
+    pub time_to_first_token: Histogram,
+    pub time_per_output_token: Histogram,
+    pub input_tokens: Histogram,
+    pub generated_tokens: Histogram,
+    pub queue_size: IntGauge,
+    pub batch_size: IntGauge,
+    /// Duration of one shard step, by phase (`prefill`, `decode`).
+    pub forward_duration: HistogramVec,
+    pub kv_blocks_used: IntGauge,
+    pub kv_blocks_free: IntGauge,
+    /// 1 while the shards answer, by shard group.
+    pub shard_healthy: IntGaugeVec,
+}
+
+fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"))
+}
+
+impl Metrics {
+    /// Builds and registers every metric. Panics only on a programming error
+    /// (an invalid or duplicate metric name), never on input.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tessera_requests_total",
+                "Requests finished, by outcome (success or error type)",
+            ),
+            &["outcome"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let forward_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "tessera_batch_forward_duration_seconds",
+                "Duration of one shard step (forward pass and sampling), by phase",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["phase"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let shard_healthy = IntGaugeVec::new(
+            Opts::new(
+                "tessera_shard_healthy",
+                "1 while the shard group answers health checks, else 0",
+            ),
+            &["group"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let gauge = |name: &str, help: &str| {
+            IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"))
+        };
+        let metrics = Metrics {
+            requests,
+            request_duration: histogram(
+                "tessera_request_duration_seconds",
+                "End-to-end duration of a request, from arrival to last token",
+                LATENCY_BUCKETS,
+            ),
+            queue_duration: histogram(
+                "tessera_request_queue_duration_seconds",
+                "Time a request waited in the queue before its prefill",
+                LATENCY_BUCKETS,
+            ),
+            validation_duration: histogram(
+                "tessera_request_validation_duration_seconds",
+                "Time spent validating and tokenizing a request",
+                LATENCY_BUCKETS,
+            ),
+            inference_duration: histogram(
+                "tessera_request_inference_duration_seconds",
+                "Time from a request's prefill to its last token",
+                LATENCY_BUCKETS,
+            ),
+            time_to_first_token: histogram(
+                "tessera_request_time_to_first_token_seconds",
+                "Time from arrival to the first generated token",
+                LATENCY_BUCKETS,
+            ),
+            time_per_output_token: histogram(
+                "tessera_request_time_per_output_token_seconds",
+                "Mean time between generated tokens of a request, after the first",
+                LATENCY_BUCKETS,
+            ),
+            input_tokens: histogram(
+                "tessera_request_input_tokens",
+                "Prompt tokens per request",
+                TOKEN_BUCKETS,
+            ),
+            generated_tokens: histogram(
+                "tessera_request_generated_tokens",
+                "Generated tokens per request",
+                TOKEN_BUCKETS,
+            ),
+            queue_size: gauge("tessera_queue_size", "Requests waiting for prefill"),
+            batch_size: gauge(
+                "tessera_batch_current_size",
+                "Requests in the running batch",
+            ),
+            forward_duration,
+            kv_blocks_used: gauge(
+                "tessera_kv_cache_blocks_used",
+                "KV cache blocks held by running requests",
+            ),
+            kv_blocks_free: gauge("tessera_kv_cache_blocks_free", "KV cache blocks free"),
+            shard_healthy,
+            registry,
+        };
+        metrics.register_all();
+        metrics
+    }
+
+    fn register_all(&self) {
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(self.requests.clone()),
+            Box::new(self.request_duration.clone()),
+            Box::new(self.queue_duration.clone()),
+            Box::new(self.validation_duration.clone()),
+            Box::new(self.inference_duration.clone()),
+            Box::new(self.time_to_first_token.clone()),
+            Box::new(self.time_per_output_token.clone()),
+            Box::new(self.input_tokens.clone()),
+            Box::new(self.generated_tokens.clone()),
+            Box::new(self.queue_size.clone()),
+            Box::new(self.batch_size.clone()),
+            Box::new(self.forward_duration.clone()),
+            Box::new(self.kv_blocks_used.clone()),
+            Box::new(self.kv_blocks_free.clone()),
+            Box::new(self.shard_healthy.clone()),
+        ];
+        for c in collectors {
+            if let Err(e) = self.registry.register(c) {
+                panic!("registering a metric: {e}");
+            }
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!("encoding metrics: {e}");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
