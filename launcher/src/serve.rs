@@ -176,9 +176,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .spawn()
         .with_context(|| format!("starting {}", shard_bin.display()))?;
     eprintln!("tessera: loading the model in shard rank 0 ...");
-    if let Err(e) = wait_for_socket(&socket, &mut shard).await {
-        return Err(e);
-    }
+    wait_for_socket(&socket, &mut shard).await?;
 
     let mut router_cmd = Command::new(&router_bin);
     router_cmd

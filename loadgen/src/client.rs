@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 pub struct Target {
     client: reqwest::Client,
     endpoint: String,
+    metrics_url: String,
     api: ApiKind,
     api_key: Option<String>,
     model: Option<String>,
@@ -56,6 +57,7 @@ impl Target {
         Ok(Self {
             client,
             endpoint: format!("{}{}", base_url.trim_end_matches('/'), api.path()),
+            metrics_url: format!("{}/metrics", base_url.trim_end_matches('/')),
             api,
             api_key,
             model,
@@ -65,6 +67,16 @@ impl Target {
 
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// The server's decode-step counters, when it exports Tessera's metrics.
+    pub async fn decode_counters(&self) -> Option<crate::server_metrics::DecodeCounters> {
+        let mut request = self.client.get(&self.metrics_url);
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key);
+        }
+        let text = request.send().await.ok()?.text().await.ok()?;
+        crate::server_metrics::parse_decode(&text)
     }
 
     /// Sends `prompt`, reads the whole stream and returns its timings.

@@ -10,6 +10,7 @@ pub mod error;
 pub mod prompt;
 pub mod report;
 pub mod runner;
+pub mod server_metrics;
 pub mod sse;
 pub mod stats;
 

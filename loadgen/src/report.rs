@@ -45,6 +45,9 @@ pub struct PhaseReport {
     pub e2e_ms: Summary,
     /// The first failure's message, when any request failed.
     pub first_error: Option<String>,
+    /// Shard time per decode step and the router's overhead per token, from
+    /// the server's `/metrics` (Tessera servers only).
+    pub engine: Option<crate::server_metrics::EngineShare>,
 }
 
 fn ms(duration: Duration) -> f64 {
@@ -85,6 +88,7 @@ impl PhaseReport {
             itl_ms: Summary::of(&itl),
             e2e_ms: Summary::of(&e2e),
             first_error,
+            engine: None,
         }
     }
 
@@ -116,6 +120,16 @@ impl PhaseReport {
                 cell(summary.p90),
                 cell(summary.p99),
                 cell(summary.mean),
+            );
+        }
+        if let Some(e) = &self.engine {
+            let _ = writeln!(
+                out,
+                "  shard decode step {:.2} ms mean over {} steps; router overhead {:.2} ms per token ({:.1}% of mean ITL)",
+                e.decode_step_ms,
+                e.decode_steps,
+                e.overhead_per_token_ms,
+                e.overhead_share * 100.0,
             );
         }
         out

@@ -6,6 +6,7 @@ use crate::client::{RequestRecord, Target};
 use crate::error::LoadgenError;
 use crate::prompt::PromptFactory;
 use crate::report::{PhaseKind, PhaseReport, RunReport, RunSettings};
+use crate::server_metrics::EngineShare;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -141,6 +142,7 @@ pub async fn run(
     let mut reports = Vec::with_capacity(phases.len());
     let mut next_index = 0u64;
     for (phase_number, &kind) in phases.iter().enumerate() {
+        let counters_before = target.decode_counters().await;
         let start = Instant::now();
         let load = Load {
             target: Arc::clone(&target),
@@ -157,7 +159,14 @@ pub async fn run(
             }
         };
         next_index += outcomes.len() as u64;
-        let report = PhaseReport::new(kind, &outcomes, start.elapsed());
+        let mut report = PhaseReport::new(kind, &outcomes, start.elapsed());
+        if let (Some(before), Some(after), Some(itl)) = (
+            counters_before,
+            target.decode_counters().await,
+            report.itl_ms.mean,
+        ) {
+            report.engine = EngineShare::between(before, after, itl);
+        }
         on_phase(&report);
         reports.push(report);
     }
