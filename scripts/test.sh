@@ -5,7 +5,18 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 ./scripts/setup.sh
+# The OpenAI Python client, for the end-to-end test that it completes chats
+# against `tessera serve` (tests/python/openai_client.py); test-only, no torch.
+client="$root/.deps/venv-client"
+client_stamp="$client/.openai-3.51.0"
+if [ ! -f "$client_stamp" ]; then
+  echo "tessera test: installing the openai==3.51.0 client into $client" >&2
+  python3 -m venv "$client"
+  "$client/bin/pip" install --quiet --disable-pip-version-check 'openai==3.51.0'
+  touch "$client_stamp"
+fi
 # The end-to-end tests in tests/ run the real binaries, which `cargo test` alone
 # builds only for packages that have integration tests of their own.
 cargo build --release --workspace --bins
-cargo test --release --workspace "$@"
+# --no-fail-fast: one failing test binary must not hide the results of the others.
+cargo test --release --workspace --no-fail-fast "$@"

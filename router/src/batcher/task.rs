@@ -118,6 +118,7 @@ impl BatchingTask {
                 break;
             }
             self.waiting.retain(|(_, e)| !e.response.is_closed());
+            self.update_gauges();
             if should_prefill(
                 &self.config,
                 self.waiting.len(),
@@ -126,7 +127,6 @@ impl BatchingTask {
             ) {
                 self.prefill().await;
             }
-            self.update_gauges();
             if !self.running.requests.is_empty() {
                 self.decode().await;
                 self.drop_cancelled().await;
@@ -135,6 +135,8 @@ impl BatchingTask {
                 // with nothing running none will, unless they were cancelled.
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            // Also when the last request just finished: the loop may now sleep.
+            self.update_gauges();
         }
     }
 
@@ -197,9 +199,6 @@ impl BatchingTask {
                     .send(Err(InferError::Unavailable("no free KV blocks".into())));
                 continue;
             };
-            self.metrics
-                .queue_duration
-                .observe(start.duration_since(entry.queued).as_secs_f64());
             let r = &entry.request;
             let p = &r.parameters;
             requests.push(pb::Request {
@@ -275,10 +274,6 @@ impl BatchingTask {
                 for (_, active) in new {
                     self.blocks.release(active.blocks);
                     let _ = active.entry.response.send(Err(error.clone()));
-                    self.metrics
-                        .requests
-                        .with_label_values(&["generation"])
-                        .inc();
                 }
                 let _ = self.client.clear_cache(Some(batch_id)).await;
             }
@@ -336,10 +331,6 @@ impl BatchingTask {
         for (_, active) in self.running.requests.drain() {
             self.blocks.release(active.blocks);
             let _ = active.entry.response.send(Err(error.clone()));
-            self.metrics
-                .requests
-                .with_label_values(&[error.error_type()])
-                .inc();
         }
         self.running.batch_ids.clear();
     }
@@ -352,10 +343,6 @@ impl BatchingTask {
                 continue;
             }
             if let Some(active) = self.running.requests.remove(&id) {
-                self.metrics
-                    .requests
-                    .with_label_values(&["generation"])
-                    .inc();
                 self.blocks.release(active.blocks);
                 let _ = active.entry.response.send(Err(InferError::Generation(
                     "the shard lost this request".into(),
@@ -365,7 +352,6 @@ impl BatchingTask {
     }
 
     fn handle_generations(&mut self, generations: Vec<pb::Generation>) {
-        let now = Instant::now();
         for g in generations {
             let Some(active) = self.running.requests.get_mut(&g.request_id) else {
                 continue;
@@ -373,7 +359,10 @@ impl BatchingTask {
             let top_tokens = g.top_tokens.into_iter().map(|t| token(Some(t))).collect();
             let token = token(g.token);
             active.generated += 1;
-            active.text.push_str(&token.text);
+            // Like TGI's generated_text: special tokens (e.g. the EOS) are not text.
+            if !token.special {
+                active.text.push_str(&token.text);
+            }
             match finish_reason(g.finish_reason) {
                 None => {
                     // A closed channel means the client left: drop_cancelled frees it.
@@ -393,9 +382,6 @@ impl BatchingTask {
                         finish_reason: reason,
                         seed: params.do_sample.then_some(params.seed),
                     };
-                    self.metrics
-                        .inference_duration
-                        .observe(now.duration_since(active.start).as_secs_f64());
                     let _ = active.entry.response.send(Ok(InferStreamResponse::End {
                         token,
                         top_tokens,
@@ -424,10 +410,6 @@ impl BatchingTask {
         for id in &cancelled {
             if let Some(active) = self.running.requests.remove(id) {
                 self.blocks.release(active.blocks);
-                self.metrics
-                    .requests
-                    .with_label_values(&["cancelled"])
-                    .inc();
             }
         }
         let keep: Vec<u64> = self.running.requests.keys().copied().collect();
