@@ -125,9 +125,10 @@ impl PhaseReport {
         if let Some(e) = &self.engine {
             let _ = writeln!(
                 out,
-                "  shard decode step {:.2} ms mean over {} steps; router overhead {:.2} ms per token ({:.1}% of mean ITL)",
+                "  shard: decode step {:.2} ms mean over {} steps, + {:.2} ms of prefill per step; router overhead {:.2} ms per token ({:.1}% of mean ITL)",
                 e.decode_step_ms,
                 e.decode_steps,
+                e.prefill_per_step_ms,
                 e.overhead_per_token_ms,
                 e.overhead_share * 100.0,
             );

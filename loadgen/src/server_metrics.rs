@@ -1,38 +1,51 @@
 //! The server's own view of a phase, from its Prometheus `/metrics`: how long
-//! the shards spent per decode step. Set against the inter-token latency the
-//! clients saw, it gives the router's overhead per generated token (HTTP,
-//! validation, batching task, gRPC, SSE) measured in the same run.
+//! the shards spent in decode steps and in the prefill steps between them. A
+//! sequence waits for every one of those steps between two of its tokens, so
+//! set against the inter-token latency the clients saw, they give the router's
+//! overhead per generated token (HTTP, validation, batching task, gRPC, SSE)
+//! measured in the same run.
 
 use serde::Serialize;
 
-/// Sum and count of `tessera_batch_forward_duration_seconds{phase="decode"}`.
+/// From `tessera_batch_forward_duration_seconds`: the decode series' sum and
+/// count, and the prefill series' sum.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct DecodeCounters {
     pub seconds: f64,
     pub steps: f64,
+    pub prefill_seconds: f64,
 }
 
-/// Reads the decode histogram's `_sum` and `_count` from a metrics text.
+/// Reads the step histogram's `_sum`s and decode `_count` from a metrics text.
 pub fn parse_decode(text: &str) -> Option<DecodeCounters> {
     let mut sum = None;
     let mut count = None;
+    let mut prefill = 0.0;
     for line in text.lines() {
-        if line.starts_with('#') || !line.contains("phase=\"decode\"") {
+        if line.starts_with('#') {
             continue;
         }
         let value = line
             .rsplit(' ')
             .next()
             .and_then(|v| v.trim().parse::<f64>().ok());
-        if line.starts_with("tessera_batch_forward_duration_seconds_sum") {
-            sum = value;
-        } else if line.starts_with("tessera_batch_forward_duration_seconds_count") {
-            count = value;
+        let is_sum = line.starts_with("tessera_batch_forward_duration_seconds_sum");
+        if line.contains("phase=\"prefill\"") {
+            if is_sum {
+                prefill = value.unwrap_or(0.0);
+            }
+        } else if line.contains("phase=\"decode\"") {
+            if is_sum {
+                sum = value;
+            } else if line.starts_with("tessera_batch_forward_duration_seconds_count") {
+                count = value;
+            }
         }
     }
     Some(DecodeCounters {
         seconds: sum?,
         steps: count?,
+        prefill_seconds: prefill,
     })
 }
 
@@ -43,7 +56,10 @@ pub struct EngineShare {
     pub decode_steps: u64,
     /// Mean shard time per decode step (forward pass, sampling, detokenizing).
     pub decode_step_ms: f64,
-    /// Mean inter-token latency seen by the clients minus the shard's step time.
+    /// Shard time in prefill steps, spread over the decode steps they interrupted.
+    pub prefill_per_step_ms: f64,
+    /// Mean inter-token latency seen by the clients minus the shard time per step
+    /// (decode plus interleaved prefill).
     pub overhead_per_token_ms: f64,
     /// `overhead_per_token_ms` as a share of the inter-token latency.
     pub overhead_share: f64,
@@ -60,10 +76,12 @@ impl EngineShare {
             return None;
         }
         let step_ms = (after.seconds - before.seconds) / steps * 1e3;
-        let overhead = itl_mean_ms - step_ms;
+        let prefill_ms = (after.prefill_seconds - before.prefill_seconds).max(0.0) / steps * 1e3;
+        let overhead = itl_mean_ms - step_ms - prefill_ms;
         Some(Self {
             decode_steps: steps as u64,
             decode_step_ms: step_ms,
+            prefill_per_step_ms: prefill_ms,
             overhead_per_token_ms: overhead,
             overhead_share: overhead / itl_mean_ms,
         })
@@ -88,6 +106,7 @@ tessera_batch_forward_duration_seconds_count{phase="prefill"} 3
         let c = parse_decode(TEXT).unwrap();
         assert_eq!(c.seconds, 1.5);
         assert_eq!(c.steps, 100.0);
+        assert_eq!(c.prefill_seconds, 9.0);
         assert!(parse_decode("tessera_queue_size 0\n").is_none());
     }
 
@@ -96,17 +115,21 @@ tessera_batch_forward_duration_seconds_count{phase="prefill"} 3
         let before = DecodeCounters {
             seconds: 1.0,
             steps: 10.0,
+            prefill_seconds: 0.5,
         };
         let after = DecodeCounters {
             seconds: 2.0,
             steps: 110.0,
+            prefill_seconds: 0.6,
         };
-        // 100 steps in 1 s: 10 ms per step; clients saw 12 ms between tokens.
+        // 100 steps in 1 s: 10 ms per step, plus 0.1 s of prefill over them (1 ms per
+        // step); clients saw 12 ms between tokens.
         let share = EngineShare::between(before, after, 12.0).unwrap();
         assert_eq!(share.decode_steps, 100);
         assert!((share.decode_step_ms - 10.0).abs() < 1e-9);
-        assert!((share.overhead_per_token_ms - 2.0).abs() < 1e-9);
-        assert!((share.overhead_share - 2.0 / 12.0).abs() < 1e-9);
+        assert!((share.prefill_per_step_ms - 1.0).abs() < 1e-9);
+        assert!((share.overhead_per_token_ms - 1.0).abs() < 1e-9);
+        assert!((share.overhead_share - 1.0 / 12.0).abs() < 1e-9);
         assert!(EngineShare::between(before, before, 12.0).is_none());
     }
 }

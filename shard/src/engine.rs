@@ -12,13 +12,18 @@ use tessera_model::detokenize::IncrementalDecoder;
 use tokenizers::Tokenizer;
 use tracing::instrument;
 
-use crate::attention::AttentionPlan;
+use crate::attention::{plan_decode_groups, AttentionPlan, DecodeGroup};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::model::{Llama, StepInput};
 use crate::model_files::ModelFiles;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stopping::{FinishReason, StopChecker, StoppingCriteria};
+
+/// Most attention groups of one decode step (each adds ~8 operator calls per layer).
+const MAX_DECODE_GROUPS: usize = 4;
+/// A group's extra operator calls, priced in padded context rows of attention work.
+const DECODE_GROUP_COST: usize = 512;
 
 /// How to place the model and size its KV cache.
 #[derive(Debug, Clone)]
@@ -389,60 +394,68 @@ impl Engine {
     /// Advances every unfinished sequence of `batch` by one token.
     #[instrument(skip_all, fields(batch = batch.len()))]
     pub fn decode(&mut self, batch: &mut Batch) -> Result<Vec<Generation>> {
-        let active: Vec<usize> = (0..batch.seqs.len())
+        let mut active: Vec<usize> = (0..batch.seqs.len())
             .filter(|&i| batch.seqs[i].finished.is_none())
             .collect();
         if active.is_empty() {
             return Ok(Vec::new());
         }
-        let max_len = active
-            .iter()
-            .map(|&i| batch.seqs[i].tokens.len())
-            .max()
-            .unwrap_or(0);
+        // Shortest contexts first, so that sequences of similar lengths can share an
+        // attention group (the linear layers do not care about the order).
+        active.sort_by_key(|&i| batch.seqs[i].tokens.len());
+        let lens: Vec<usize> = active.iter().map(|&i| batch.seqs[i].tokens.len()).collect();
         let b = active.len();
         let mut tokens = Vec::with_capacity(b);
         let mut positions = Vec::with_capacity(b);
         let mut slots = Vec::with_capacity(b);
         let kv_heads = self.model.config().num_kv_heads;
-        // Pool rows (pool viewed as [slots * kv_heads, head_dim]) of every context
-        // position, ordered by sequence, KV head, position: see AttentionPlan::Decode.
-        let mut rows = vec![0i64; b * kv_heads * max_len];
-        let mut mask = vec![f32::NEG_INFINITY; b * max_len];
-        let mut context = vec![0i64; max_len];
-        for (row, &i) in active.iter().enumerate() {
-            let s = &batch.seqs[i];
-            let pos = s.tokens.len() - 1;
-            tokens.push(s.tokens[pos] as i64);
-            positions.push(pos as i64);
-            // Padding points at the sequence's own first slot, which always holds
-            // finite values, so that the -inf mask can never meet garbage.
-            context.fill(self.slot(s.id, &s.block_table, 0)?);
-            for (p, slot) in context.iter_mut().enumerate().take(pos + 1) {
-                *slot = self.slot(s.id, &s.block_table, p)?;
-            }
-            mask[row * max_len..row * max_len + pos + 1].fill(0.0);
-            slots.push(context[pos]);
-            for h in 0..kv_heads {
-                let out = &mut rows[(row * kv_heads + h) * max_len..][..max_len];
-                for (dst, &slot) in out.iter_mut().zip(&context) {
-                    *dst = slot * kv_heads as i64 + h as i64;
+        let device = self.model.device();
+        let mut groups = Vec::new();
+        for (start, end) in plan_decode_groups(&lens, MAX_DECODE_GROUPS, DECODE_GROUP_COST) {
+            let max_len = lens[end - 1];
+            let count = end - start;
+            // Pool rows (pool viewed as [slots * kv_heads, head_dim]) of every context
+            // position, ordered by sequence, KV head, position: see DecodeGroup.
+            let mut rows = vec![0i64; count * kv_heads * max_len];
+            let mut mask = vec![f32::NEG_INFINITY; count * max_len];
+            let mut context = vec![0i64; max_len];
+            for (row, &i) in active[start..end].iter().enumerate() {
+                let s = &batch.seqs[i];
+                let pos = s.tokens.len() - 1;
+                tokens.push(s.tokens[pos] as i64);
+                positions.push(pos as i64);
+                // Padding points at the sequence's own first slot, which always holds
+                // finite values, so that the -inf mask can never meet garbage.
+                context.fill(self.slot(s.id, &s.block_table, 0)?);
+                for (p, slot) in context.iter_mut().enumerate().take(pos + 1) {
+                    *slot = self.slot(s.id, &s.block_table, p)?;
+                }
+                mask[row * max_len..row * max_len + pos + 1].fill(0.0);
+                slots.push(context[pos]);
+                for h in 0..kv_heads {
+                    let out = &mut rows[(row * kv_heads + h) * max_len..][..max_len];
+                    for (dst, &slot) in out.iter_mut().zip(&context) {
+                        *dst = slot * kv_heads as i64 + h as i64;
+                    }
                 }
             }
+            let (count, len) = (count as i64, max_len as i64);
+            groups.push(DecodeGroup {
+                start: start as i64,
+                count,
+                len,
+                rows: self.device_i64(&rows)?,
+                mask: Tensor::f_from_slice(&mask)?
+                    .f_view([count, 1, 1, len])?
+                    .f_to_device(device)?,
+            });
         }
-        let device = self.model.device();
-        let (b, l) = (b as i64, max_len as i64);
         let input = StepInput {
             tokens: self.device_i64(&tokens)?,
             positions: self.device_i64(&positions)?,
             slots: self.device_i64(&slots)?,
-            last_index: Tensor::f_arange(b, (Kind::Int64, device))?,
-            attention: AttentionPlan::Decode {
-                rows: self.device_i64(&rows)?,
-                mask: Tensor::f_from_slice(&mask)?
-                    .f_view([b, 1, 1, l])?
-                    .f_to_device(device)?,
-            },
+            last_index: Tensor::f_arange(b as i64, (Kind::Int64, device))?,
+            attention: AttentionPlan::Decode(groups),
         };
         let logits = self.model.forward(&mut self.cache, &input)?;
         let mut view = ActiveView { batch, active };

@@ -164,3 +164,55 @@ fn half_precisions_run_on_safetensors_models() {
             .all(|&t| (t as usize) < engine.model_config().vocab_size));
     }
 }
+
+/// Contexts of very different lengths are attended in separate groups within
+/// one decode step; each sequence still gets exactly its solo tokens.
+#[test]
+fn decoding_contexts_of_very_different_lengths_equals_each_alone() {
+    let mut engine = load(&default_model(), tch::Kind::Float);
+    let mut blocks = allocator(&engine);
+    let new_tokens = 8u32;
+    let long = "The history of the city is long and full of events. ".repeat(60);
+    let medium = "A short story about a cat who liked to sit by the window. ".repeat(12);
+    let texts = [
+        "The capital of France is".to_string(),
+        "Water boils at".to_string(),
+        medium.clone(),
+        format!("{medium} And then"),
+        long.clone(),
+        format!("{long} Finally,"),
+    ];
+    let prompts: Vec<Vec<u32>> = texts.iter().map(|p| engine.encode(p).unwrap()).collect();
+    assert!(
+        prompts[4].len() > 500 && prompts[0].len() < 10,
+        "lengths far apart"
+    );
+
+    let mut alone = BTreeMap::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let r = greedy_request(&engine, &mut blocks, i as u64, p.clone(), new_tokens);
+        let table = r.block_table.clone();
+        alone.insert(i as u64, run_alone(&mut engine, r));
+        blocks.release(table);
+    }
+    let requests = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| greedy_request(&engine, &mut blocks, i as u64, p.clone(), new_tokens))
+        .collect();
+    let (mut batch, first) = engine.prefill(requests).unwrap();
+    let mut together: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    for g in first {
+        together.entry(g.request_id).or_default().push(g.token_id);
+    }
+    while !batch.is_empty() {
+        for g in engine.decode(&mut batch).unwrap() {
+            together.entry(g.request_id).or_default().push(g.token_id);
+        }
+        batch.remove_finished();
+    }
+    for (id, tokens) in &together {
+        assert_eq!(tokens, &alone[id], "request {id} differs when batched");
+    }
+    assert_eq!(together.len(), prompts.len());
+}
