@@ -125,7 +125,7 @@ impl PhaseReport {
         if let Some(e) = &self.engine {
             let _ = writeln!(
                 out,
-                "  shard: decode step {:.2} ms mean over {} steps, + {:.2} ms of prefill per step; router overhead {:.2} ms per token ({:.1}% of mean ITL)",
+                "  shard: decode step {:.2} ms mean over {} steps ({:.2} ms of prefill per step besides); mean ITL minus decode step (router overhead, plus prefill waits when concurrent) {:.2} ms per token ({:.1}% of mean ITL)",
                 e.decode_step_ms,
                 e.decode_steps,
                 e.prefill_per_step_ms,

@@ -1,9 +1,10 @@
 //! The server's own view of a phase, from its Prometheus `/metrics`: how long
-//! the shards spent in decode steps and in the prefill steps between them. A
-//! sequence waits for every one of those steps between two of its tokens, so
-//! set against the inter-token latency the clients saw, they give the router's
+//! the shards spent per decode step, and in prefill steps. Set against the
+//! inter-token latency the clients saw, the decode step gives the router's
 //! overhead per generated token (HTTP, validation, batching task, gRPC, SSE)
-//! measured in the same run.
+//! measured in the same run. That is exact with one client; with several, the
+//! difference also holds the waits for other requests' prefills between two
+//! tokens (shown beside it as prefill time per decode step).
 
 use serde::Serialize;
 
@@ -58,8 +59,7 @@ pub struct EngineShare {
     pub decode_step_ms: f64,
     /// Shard time in prefill steps, spread over the decode steps they interrupted.
     pub prefill_per_step_ms: f64,
-    /// Mean inter-token latency seen by the clients minus the shard time per step
-    /// (decode plus interleaved prefill).
+    /// Mean inter-token latency seen by the clients minus the shard's decode step.
     pub overhead_per_token_ms: f64,
     /// `overhead_per_token_ms` as a share of the inter-token latency.
     pub overhead_share: f64,
@@ -77,7 +77,7 @@ impl EngineShare {
         }
         let step_ms = (after.seconds - before.seconds) / steps * 1e3;
         let prefill_ms = (after.prefill_seconds - before.prefill_seconds).max(0.0) / steps * 1e3;
-        let overhead = itl_mean_ms - step_ms - prefill_ms;
+        let overhead = itl_mean_ms - step_ms;
         Some(Self {
             decode_steps: steps as u64,
             decode_step_ms: step_ms,
@@ -122,14 +122,14 @@ tessera_batch_forward_duration_seconds_count{phase="prefill"} 3
             steps: 110.0,
             prefill_seconds: 0.6,
         };
-        // 100 steps in 1 s: 10 ms per step, plus 0.1 s of prefill over them (1 ms per
-        // step); clients saw 12 ms between tokens.
+        // 100 steps in 1 s: 10 ms per step (and 0.1 s of prefill, 1 ms per step);
+        // clients saw 12 ms between tokens.
         let share = EngineShare::between(before, after, 12.0).unwrap();
         assert_eq!(share.decode_steps, 100);
         assert!((share.decode_step_ms - 10.0).abs() < 1e-9);
         assert!((share.prefill_per_step_ms - 1.0).abs() < 1e-9);
-        assert!((share.overhead_per_token_ms - 1.0).abs() < 1e-9);
-        assert!((share.overhead_share - 1.0 / 12.0).abs() < 1e-9);
+        assert!((share.overhead_per_token_ms - 2.0).abs() < 1e-9);
+        assert!((share.overhead_share - 2.0 / 12.0).abs() < 1e-9);
         assert!(EngineShare::between(before, before, 12.0).is_none());
     }
 }
