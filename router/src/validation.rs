@@ -19,6 +19,8 @@ use crate::infer::{ValidGenerateRequest, ValidParameters, ValidStopping};
 pub enum ValidationError {
     #[error("`inputs` cannot be empty")]
     EmptyInput,
+    #[error("token id {id} in `prompt` is outside the vocabulary (size {vocab})")]
+    TokenId { id: u32, vocab: u32 },
     #[error("`temperature` must be strictly positive, got {0}")]
     Temperature(f32),
     #[error("`top_p` must be > 0.0 and <= 1.0, got {0}")]
@@ -137,8 +139,44 @@ impl Validation {
         if inputs.is_empty() {
             return Err(ValidationError::EmptyInput);
         }
-        let (valid_parameters, checked) = self.check_parameters(&parameters)?;
+        self.check_parameters(&parameters)?;
         let (inputs, ids) = self.tokenize(inputs).await?;
+        self.finish(inputs, ids, parameters)
+    }
+
+    /// Like [`Validation::validate`] for a prompt given as token ids (OpenAI
+    /// completions accept them), used as they are: no BOS is added.
+    pub async fn validate_ids(
+        &self,
+        ids: Vec<u32>,
+        parameters: GenerateParameters,
+    ) -> Result<ValidGenerateRequest, ValidationError> {
+        if ids.is_empty() {
+            return Err(ValidationError::EmptyInput);
+        }
+        let vocab = self.encoder.tokenizer().get_vocab_size(true) as u32;
+        if let Some(&bad) = ids.iter().find(|&&id| id >= vocab) {
+            return Err(ValidationError::TokenId { id: bad, vocab });
+        }
+        self.check_parameters(&parameters)?;
+        let encoder = self.encoder.clone();
+        let (inputs, ids) = tokio::task::spawn_blocking(move || {
+            let text = encoder.decode(&ids, false).unwrap_or_default();
+            (text, ids)
+        })
+        .await
+        .map_err(|e| ValidationError::Tokenizer(format!("decoding task failed: {e}")))?;
+        self.finish(inputs, ids, parameters)
+    }
+
+    /// The checks after tokenization: truncation, lengths, min tokens.
+    fn finish(
+        &self,
+        inputs: String,
+        ids: Vec<u32>,
+        parameters: GenerateParameters,
+    ) -> Result<ValidGenerateRequest, ValidationError> {
+        let (valid_parameters, checked) = self.check_parameters(&parameters)?;
         let input_ids = self.truncate(ids, parameters.truncate);
         let max_new_tokens = self.check_lengths(input_ids.len(), parameters.max_new_tokens)?;
         let min_new_tokens = parameters.min_new_tokens.unwrap_or(0);
@@ -443,6 +481,26 @@ pub(crate) mod tests {
 
     fn params() -> GenerateParameters {
         GenerateParameters::default()
+    }
+
+    #[tokio::test]
+    async fn token_id_prompts_are_used_as_given() {
+        let v = validation();
+        let r = v.validate_ids(vec![274, 279], params()).await.unwrap();
+        assert_eq!(r.input_ids, vec![274, 279], "no BOS added to token prompts");
+        assert_eq!(r.inputs, v.encoder().decode(&[274, 279], false).unwrap());
+        let vocab = v.encoder().tokenizer().get_vocab_size(true) as u32;
+        assert_eq!(
+            v.validate_ids(vec![1, vocab], params())
+                .await
+                .unwrap_err()
+                .to_string(),
+            format!("token id {vocab} in `prompt` is outside the vocabulary (size {vocab})")
+        );
+        assert_eq!(
+            v.validate_ids(vec![], params()).await.unwrap_err(),
+            ValidationError::EmptyInput
+        );
     }
 
     #[tokio::test]

@@ -10,7 +10,9 @@ use axum::Json;
 use super::common::{
     extend_completion_logprobs, generate_parameters, visible_tokens, ResponseMeta, TokenWithTop,
 };
-use super::schema::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage};
+use super::schema::{
+    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Prompt, Usage,
+};
 use super::stream::{spawn_stream, ChoiceStream, ChunkWriter, StreamPlan};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::JsonBody;
@@ -77,10 +79,15 @@ async fn complete(
     let mut prompt_tokens = 0u32;
     let mut echoes: HashMap<u32, String> = HashMap::new();
     for prompt in prompts {
-        let request = state
-            .validation
-            .validate(prompt, parameters.clone())
-            .await?;
+        let request = match prompt {
+            Prompt::Text(text) => state.validation.validate(text, parameters.clone()).await?,
+            Prompt::Tokens(ids) => {
+                state
+                    .validation
+                    .validate_ids(ids, parameters.clone())
+                    .await?
+            }
+        };
         prompt_tokens += request.input_ids.len() as u32;
         for copy in with_seeds(request, n) {
             if echo {

@@ -108,13 +108,25 @@ pub struct ChatCompletionRequest {
 pub enum PromptSpec {
     One(String),
     Many(Vec<String>),
+    /// Token ids, as OpenAI's API also accepts.
+    Tokens(Vec<u32>),
+    ManyTokens(Vec<Vec<u32>>),
+}
+
+/// One prompt of a completion request: text, or token ids used as they are.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
 }
 
 impl PromptSpec {
-    pub fn into_vec(self) -> Vec<String> {
+    pub fn into_vec(self) -> Vec<Prompt> {
         match self {
-            PromptSpec::One(s) => vec![s],
-            PromptSpec::Many(v) => v,
+            PromptSpec::One(s) => vec![Prompt::Text(s)],
+            PromptSpec::Many(v) => v.into_iter().map(Prompt::Text).collect(),
+            PromptSpec::Tokens(ids) => vec![Prompt::Tokens(ids)],
+            PromptSpec::ManyTokens(v) => v.into_iter().map(Prompt::Tokens).collect(),
         }
     }
 }
@@ -290,6 +302,30 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn completion_prompts_as_text_or_token_ids() {
+        let prompt = |v: serde_json::Value| -> Vec<Prompt> {
+            serde_json::from_value::<CompletionRequest>(json!({"prompt": v}))
+                .unwrap()
+                .prompt
+                .into_vec()
+        };
+        assert_eq!(prompt(json!("hi")), vec![Prompt::Text("hi".into())]);
+        assert_eq!(
+            prompt(json!(["a", "b"])),
+            vec![Prompt::Text("a".into()), Prompt::Text("b".into())]
+        );
+        assert_eq!(
+            prompt(json!([1, 2, 3])),
+            vec![Prompt::Tokens(vec![1, 2, 3])]
+        );
+        assert_eq!(
+            prompt(json!([[1, 2], [3]])),
+            vec![Prompt::Tokens(vec![1, 2]), Prompt::Tokens(vec![3])]
+        );
+        assert!(serde_json::from_value::<CompletionRequest>(json!({"prompt": [-1]})).is_err());
+    }
+
+    #[test]
     fn chat_request_variants() {
         let r: ChatCompletionRequest = serde_json::from_value(json!({
             "model": "gpt-4o",
@@ -358,7 +394,10 @@ mod tests {
             json!({"model": "m", "prompt": "Say", "logprobs": 2, "echo": true, "stop": ["a", "b"]}),
         )
         .unwrap();
-        assert_eq!(r.prompt.clone().into_vec(), vec!["Say".to_string()]);
+        assert_eq!(
+            r.prompt.clone().into_vec(),
+            vec![Prompt::Text("Say".into())]
+        );
         assert_eq!((r.logprobs, r.echo), (Some(2), Some(true)));
         assert_eq!(
             r.sampling.stop.map(StopSpec::into_vec).map(|v| v.len()),
