@@ -27,8 +27,10 @@ pub struct ServeArgs {
     /// Shard ranks (one per device; tensor parallelism).
     #[arg(long, env = "TESSERA_NUM_SHARD", default_value_t = 1)]
     pub num_shard: u32,
+    /// Address the HTTP API listens on.
     #[arg(long, env = "TESSERA_HOSTNAME", default_value = "0.0.0.0")]
     pub hostname: IpAddr,
+    /// Port of the HTTP API.
     #[arg(long, short, env = "TESSERA_PORT", default_value_t = 3000)]
     pub port: u16,
     /// Requests in flight at once; more get 429.

@@ -89,6 +89,7 @@ pub struct RouterArgs {
     /// Address to listen on.
     #[arg(long, env = "TESSERA_HOSTNAME", default_value = "0.0.0.0")]
     pub hostname: IpAddr,
+    /// Port of the HTTP API.
     #[arg(long, short, env = "TESSERA_PORT", default_value_t = 3000)]
     pub port: u16,
     /// gRPC address of shard rank 0: unix:///path/to/socket or http://host:port.
