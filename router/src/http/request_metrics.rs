@@ -101,6 +101,21 @@ impl RequestMetrics {
         }
     }
 
+    /// The HTTP answer of a handler's work: a failure is recorded under its
+    /// error type and answered with its status and error body.
+    pub fn respond(
+        &mut self,
+        result: Result<axum::response::Response, crate::http::error::ApiError>,
+    ) -> axum::response::Response {
+        match result {
+            Ok(response) => response,
+            Err(error) => {
+                self.failure(error.error_type);
+                axum::response::IntoResponse::into_response(error)
+            }
+        }
+    }
+
     pub fn failure(&mut self, error_type: &str) {
         if self.finished {
             return;

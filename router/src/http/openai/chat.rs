@@ -47,18 +47,11 @@ pub async fn chat_completions(
     body: Result<JsonBody<ChatCompletionRequest>, ApiError>,
 ) -> Response {
     let mut metrics = RequestMetrics::start(&state.metrics);
-    let result = async {
-        let JsonBody(body) = body?;
-        chat(&state, body, &mut metrics).await
-    }
-    .await;
-    match result {
-        Ok(response) => response,
-        Err(error) => {
-            metrics.failure(error.error_type);
-            error.into_response()
-        }
-    }
+    let result = match body {
+        Ok(JsonBody(body)) => chat(&state, body, &mut metrics).await,
+        Err(error) => Err(error),
+    };
+    metrics.respond(result)
 }
 
 /// The messages as the chat template wants them; text parts are joined by newlines.

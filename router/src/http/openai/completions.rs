@@ -46,18 +46,11 @@ pub async fn completions(
     body: Result<JsonBody<CompletionRequest>, ApiError>,
 ) -> Response {
     let mut metrics = RequestMetrics::start(&state.metrics);
-    let result = async {
-        let JsonBody(body) = body?;
-        complete(&state, body, &mut metrics).await
-    }
-    .await;
-    match result {
-        Ok(response) => response,
-        Err(error) => {
-            metrics.failure(error.error_type);
-            error.into_response()
-        }
-    }
+    let result = match body {
+        Ok(JsonBody(body)) => complete(&state, body, &mut metrics).await,
+        Err(error) => Err(error),
+    };
+    metrics.respond(result)
 }
 
 async fn complete(

@@ -39,18 +39,11 @@ pub async fn generate(
     body: Result<JsonBody<GenerateRequest>, ApiError>,
 ) -> Response {
     let mut metrics = RequestMetrics::start(&state.metrics);
-    let result = async {
-        let JsonBody(body) = body?;
-        generate_response(&state, body, &mut metrics).await
-    }
-    .await;
-    match result {
-        Ok(response) => response,
-        Err(error) => {
-            metrics.failure(error.error_type);
-            error.into_response()
-        }
-    }
+    let result = match body {
+        Ok(JsonBody(body)) => generate_response(&state, body, &mut metrics).await,
+        Err(error) => Err(error),
+    };
+    metrics.respond(result)
 }
 
 async fn generate_response(
