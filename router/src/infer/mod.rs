@@ -104,45 +104,4 @@ impl Infer {
         });
         Ok(Box::pin(stream))
     }
-
-    /// Runs `request` to the end and returns the whole generation.
-    pub async fn generate(
-        &self,
-        request: ValidGenerateRequest,
-    ) -> Result<InferResponse, InferError> {
-        let input_length = request.input_ids.len() as u32;
-        let mut stream = self.generate_stream(request)?;
-        let mut tokens = Vec::new();
-        let mut top_tokens = Vec::new();
-        while let Some(event) = stream.next().await {
-            match event? {
-                InferStreamResponse::Intermediate {
-                    token,
-                    top_tokens: top,
-                } => {
-                    tokens.push(token);
-                    top_tokens.push(top);
-                }
-                InferStreamResponse::End {
-                    token,
-                    top_tokens: top,
-                    generated_text,
-                    queued,
-                    start,
-                } => {
-                    tokens.push(token);
-                    top_tokens.push(top);
-                    return Ok(InferResponse {
-                        input_length,
-                        tokens,
-                        top_tokens,
-                        generated_text,
-                        queued,
-                        start,
-                    });
-                }
-            }
-        }
-        Err(InferError::IncompleteGeneration)
-    }
 }
