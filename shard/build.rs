@@ -22,8 +22,9 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
-        let lib =
-            torch_lib.expect("the cuda feature needs TESSERA_TORCH_LIB (the wheel's torch/lib)");
+        let lib = torch_lib
+            .clone()
+            .expect("the cuda feature needs TESSERA_TORCH_LIB (the wheel's torch/lib)");
         let cuda = std::path::Path::new(&lib).join("libtorch_cuda.so");
         if !cuda.exists() {
             panic!(
@@ -36,6 +37,31 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+    build_shim(torch_lib.as_deref());
     let model = std::env::var("TESSERA_DEFAULT_MODEL").unwrap_or_default();
     println!("cargo:rustc-env=TESSERA_BUILTIN_MODEL={}", absolute(model));
+}
+
+/// Compiles the C++ shim (`csrc/`) against the wheel's headers. It is built with OpenMP
+/// and linked to the wheel's own `libgomp.so.1`, so that `at::parallel_for` runs on the
+/// same thread pool as libtorch's operators.
+fn build_shim(torch_lib: Option<&str>) {
+    println!("cargo:rerun-if-changed=csrc");
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    let libtorch = std::env::var("LIBTORCH").expect("LIBTORCH (set in .cargo/config.toml)");
+    let include = std::path::Path::new(&libtorch).join("include");
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/parallel.cpp")
+        .include(&include)
+        .flag("-std=c++17")
+        .flag("-fopenmp")
+        .flag_if_supported("-Wno-unused-parameter")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .compile("tessera_shim");
+    let lib = torch_lib.expect("TESSERA_TORCH_LIB (the wheel's torch/lib, for libgomp)");
+    println!("cargo:rustc-link-search=native={lib}");
+    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+    println!("cargo:rustc-link-arg={lib}/libgomp.so.1");
+    println!("cargo:rustc-link-arg=-Wl,--as-needed");
 }

@@ -8,6 +8,7 @@
 
 use tch::{Kind, Tensor};
 
+use crate::cpu_attention::{self, DecodeContexts};
 use crate::error::Result;
 
 pub enum AttentionPlan {
@@ -17,6 +18,9 @@ pub enum AttentionPlan {
     /// similar context lengths (contiguous in the batch, in order), so that padding to
     /// each group's longest context wastes little.
     Decode(Vec<DecodeGroup>),
+    /// One new token per sequence, attended on the CPU in place in the pools (see
+    /// `cpu_attention`), without gathering or padding.
+    DecodeInPlace(DecodeContexts),
 }
 
 /// Sequences `start..start + count` of a decode batch. With the pools viewed as
@@ -127,6 +131,9 @@ pub fn attend(
                 return Ok(outs.remove(0));
             }
             Ok(Tensor::f_cat(&outs, 0)?)
+        }
+        AttentionPlan::DecodeInPlace(contexts) => {
+            cpu_attention::attend(contexts, q, k_pool, v_pool)
         }
     }
 }

@@ -13,6 +13,7 @@ use tokenizers::Tokenizer;
 use tracing::instrument;
 
 use crate::attention::{plan_decode_groups, AttentionPlan, DecodeGroup};
+use crate::cpu_attention::{self, DecodeContexts};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::model::{Llama, StepInput};
@@ -410,6 +411,31 @@ impl Engine {
         let mut slots = Vec::with_capacity(b);
         let kv_heads = self.model.config().num_kv_heads;
         let device = self.model.device();
+        if device == Device::Cpu && cpu_attention::supports(self.model.kind()) {
+            // Attention reads the pools in place: only each sequence's slots are needed.
+            let mut contexts = DecodeContexts::new();
+            for &i in &active {
+                let s = &batch.seqs[i];
+                let pos = s.tokens.len() - 1;
+                tokens.push(s.tokens[pos] as i64);
+                positions.push(pos as i64);
+                let context = (0..=pos)
+                    .map(|p| self.slot(s.id, &s.block_table, p))
+                    .collect::<Result<Vec<i64>>>()?;
+                slots.push(context[pos]);
+                contexts.push(context);
+            }
+            let input = StepInput {
+                tokens: self.device_i64(&tokens)?,
+                positions: self.device_i64(&positions)?,
+                slots: self.device_i64(&slots)?,
+                last_index: Tensor::f_arange(b as i64, (Kind::Int64, device))?,
+                attention: AttentionPlan::DecodeInPlace(contexts),
+            };
+            let logits = self.model.forward(&mut self.cache, &input)?;
+            let mut view = ActiveView { batch, active };
+            return self.sample_active(&mut view, &logits);
+        }
         let mut groups = Vec::new();
         for (start, end) in plan_decode_groups(&lens, MAX_DECODE_GROUPS, DECODE_GROUP_COST) {
             let max_len = lens[end - 1];

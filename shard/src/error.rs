@@ -50,6 +50,8 @@ pub enum EngineError {
     NoChatTemplate,
     #[error(transparent)]
     ChatTemplate(#[from] tessera_model::chat_template::ChatTemplateError),
+    #[error("decode attention: {0}")]
+    Attention(String),
     #[error("compressing weights: {0}")]
     Quantize(String),
     #[error("torch: {0}")]

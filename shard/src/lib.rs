@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod bench;
 pub mod cli;
+pub mod cpu_attention;
 pub mod device;
 pub mod engine;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod linear;
 pub mod memory;
 pub mod model;
 pub mod model_files;
+pub mod parallel;
 pub mod sampling;
 pub mod server;
 pub mod stopping;
