@@ -50,15 +50,28 @@ fn build_shim(torch_lib: Option<&str>) {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let libtorch = std::env::var("LIBTORCH").expect("LIBTORCH (set in .cargo/config.toml)");
     let include = std::path::Path::new(&libtorch).join("include");
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .file("csrc/parallel.cpp")
+        .file("csrc/collectives.cpp")
         .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        // The wheel has no gloo headers: declarations of the types c10d names.
+        .include("csrc/gloo_decl")
         .flag("-std=c++17")
         .flag("-fopenmp")
         .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .compile("tessera_shim");
+        .define("USE_C10D_GLOO", None)
+        .define("USE_DISTRIBUTED", None);
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        build
+            .define("USE_C10D_NCCL", None)
+            .define("TESSERA_NCCL", None);
+    }
+    build.compile("tessera_shim");
     let lib = torch_lib.expect("TESSERA_TORCH_LIB (the wheel's torch/lib, for libgomp)");
     println!("cargo:rustc-link-search=native={lib}");
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");

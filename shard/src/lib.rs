@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod bench;
 pub mod cli;
+pub mod collectives;
 pub mod cpu_attention;
 pub mod device;
 pub mod engine;

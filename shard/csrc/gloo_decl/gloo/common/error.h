@@ -1,0 +1,2 @@
+// Declarations only; see README.md in the parent folder.
+#pragma once
