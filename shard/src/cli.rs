@@ -41,6 +41,7 @@ pub fn engine_config(args: &ModelArgs) -> Result<EngineConfig> {
         block_size: args.block_size,
         num_blocks: 0,
         max_kv_tokens: args.kv_tokens,
+        group: None,
     })
 }
 

@@ -13,11 +13,13 @@ use tokenizers::Tokenizer;
 use tracing::instrument;
 
 use crate::attention::{plan_decode_groups, AttentionPlan, DecodeGroup};
+use crate::collectives::{Communicator, GroupConfig};
 use crate::cpu_attention::{self, DecodeContexts};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvCache;
 use crate::model::{Llama, StepInput};
 use crate::model_files::ModelFiles;
+use crate::partition::Partition;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stopping::{FinishReason, StopChecker, StoppingCriteria};
 
@@ -37,6 +39,8 @@ pub struct EngineConfig {
     pub num_blocks: usize,
     /// Pool capacity in tokens when `num_blocks` is 0.
     pub max_kv_tokens: usize,
+    /// This rank's tensor-parallel group; `None` runs the whole model alone.
+    pub group: Option<GroupConfig>,
 }
 
 impl Default for EngineConfig {
@@ -47,6 +51,7 @@ impl Default for EngineConfig {
             block_size: 16,
             num_blocks: 0,
             max_kv_tokens: 16_384,
+            group: None,
         }
     }
 }
@@ -179,7 +184,22 @@ impl Engine {
             add_bos,
             info,
         } = files;
-        let model = Llama::load(&weights, model_config, config.kind, config.device)?;
+        // The split is checked against the configuration before any weight is read.
+        let (part, comm) = match &config.group {
+            Some(group) if group.world_size > 1 => {
+                let part = Partition::plan(&model_config, group.rank, group.world_size)?;
+                (part, Communicator::join(group)?)
+            }
+            _ => (Partition::single(&model_config), Communicator::single()),
+        };
+        let model = Llama::load(
+            &weights,
+            model_config,
+            part,
+            comm,
+            config.kind,
+            config.device,
+        )?;
         drop(weights);
         crate::memory::release_free_memory();
         let mc = model.config();
@@ -192,7 +212,7 @@ impl Engine {
             mc.num_layers,
             num_blocks,
             config.block_size,
-            mc.num_kv_heads,
+            model.partition().num_kv_heads(),
             mc.head_dim,
             config.kind,
             config.device,
@@ -409,7 +429,7 @@ impl Engine {
         let mut tokens = Vec::with_capacity(b);
         let mut positions = Vec::with_capacity(b);
         let mut slots = Vec::with_capacity(b);
-        let kv_heads = self.model.config().num_kv_heads;
+        let kv_heads = self.model.partition().num_kv_heads();
         let device = self.model.device();
         if device == Device::Cpu && cpu_attention::supports(self.model.kind()) {
             // Attention reads the pools in place: only each sequence's slots are needed.

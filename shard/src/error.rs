@@ -50,6 +50,10 @@ pub enum EngineError {
     NoChatTemplate,
     #[error(transparent)]
     ChatTemplate(#[from] tessera_model::chat_template::ChatTemplateError),
+    #[error("{0}")]
+    Partition(String),
+    #[error(transparent)]
+    Collective(#[from] crate::collectives::CollectiveError),
     #[error("decode attention: {0}")]
     Attention(String),
     #[error("compressing weights: {0}")]

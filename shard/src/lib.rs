@@ -15,6 +15,7 @@ pub mod memory;
 pub mod model;
 pub mod model_files;
 pub mod parallel;
+pub mod partition;
 pub mod sampling;
 pub mod server;
 pub mod stopping;

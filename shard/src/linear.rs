@@ -84,6 +84,47 @@ impl Int4Codes {
         }
     }
 
+    /// Keeps rows `start..start + len` (a column-parallel rank's part).
+    pub fn select_rows(self, start: usize, len: usize) -> Option<Self> {
+        if start + len > self.rows {
+            return None;
+        }
+        let order: Vec<usize> = (start..start + len).collect();
+        Some(Self {
+            rows: len,
+            ..self.permute_rows(&order)
+        })
+    }
+
+    /// Keeps columns `start..start + len` (a row-parallel rank's part); `None` unless
+    /// both are whole groups.
+    pub fn select_cols(self, start: usize, len: usize) -> Option<Self> {
+        if !start.is_multiple_of(INT4_GROUP)
+            || !len.is_multiple_of(INT4_GROUP)
+            || len == 0
+            || start + len > self.cols
+        {
+            return None;
+        }
+        let (groups, first, count) = (self.cols / INT4_GROUP, start / INT4_GROUP, len / INT4_GROUP);
+        let mut codes = Vec::with_capacity(self.rows * len);
+        let mut scales = Vec::with_capacity(self.rows * count);
+        let mut zeros = Vec::with_capacity(self.rows * count);
+        for r in 0..self.rows {
+            codes
+                .extend_from_slice(&self.codes[r * self.cols + start..r * self.cols + start + len]);
+            scales.extend_from_slice(&self.scales[r * groups + first..r * groups + first + count]);
+            zeros.extend_from_slice(&self.zeros[r * groups + first..r * groups + first + count]);
+        }
+        Some(Self {
+            rows: self.rows,
+            cols: len,
+            codes,
+            scales,
+            zeros,
+        })
+    }
+
     /// Stacks weights along the output (row) dimension.
     pub fn concat(parts: Vec<Int4Codes>) -> Option<Self> {
         let cols = parts.first()?.cols;
@@ -219,6 +260,57 @@ pub fn unpermute_order(rows: usize, heads: usize) -> Result<Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slicing_codes_matches_slicing_the_dense_weight() {
+        let (rows, cols) = (4usize, 96usize);
+        let c = Int4Codes {
+            rows,
+            cols,
+            codes: (0..rows * cols).map(|i| (i % 16) as i32).collect(),
+            scales: (0..rows * cols / 32).map(|i| i as f32 + 1.0).collect(),
+            zeros: (0..rows * cols / 32).map(|i| -(i as f32)).collect(),
+        };
+        let dense = |c: &Int4Codes| -> Vec<f32> {
+            (0..c.rows * c.cols)
+                .map(|i| {
+                    let (r, col) = (i / c.cols, i % c.cols);
+                    let g = r * (c.cols / 32) + col / 32;
+                    (c.codes[i] - 8) as f32 * c.scales[g] + c.zeros[g]
+                })
+                .collect()
+        };
+        let full = dense(&c);
+        let cols_part = Int4Codes {
+            codes: c.codes.clone(),
+            scales: c.scales.clone(),
+            zeros: c.zeros.clone(),
+            ..c
+        }
+        .select_cols(32, 64)
+        .unwrap();
+        let got = dense(&cols_part);
+        for r in 0..rows {
+            assert_eq!(&got[r * 64..(r + 1) * 64], &full[r * 96 + 32..r * 96 + 96]);
+        }
+        let rows_part = Int4Codes {
+            codes: c.codes.clone(),
+            scales: c.scales.clone(),
+            zeros: c.zeros.clone(),
+            ..c
+        }
+        .select_rows(1, 2)
+        .unwrap();
+        assert_eq!(dense(&rows_part), full[96..3 * 96].to_vec());
+        assert!(Int4Codes {
+            codes: c.codes.clone(),
+            scales: c.scales.clone(),
+            zeros: c.zeros.clone(),
+            ..c
+        }
+        .select_cols(16, 32)
+        .is_none());
+    }
 
     #[test]
     fn q4_1_blocks_become_exact_int4_codes() {

@@ -5,10 +5,12 @@ use tch::{Device, Kind, Tensor};
 use tessera_model::config::ModelConfig;
 
 use crate::attention::{self, AttentionPlan};
+use crate::collectives::Communicator;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::linear::{Int4Codes, Linear};
-use crate::weights::WeightSource;
+use crate::partition::Partition;
+use crate::weights::{Slice, WeightSource};
 
 struct Layer {
     attn_norm: Tensor,
@@ -24,6 +26,10 @@ struct Layer {
 
 pub struct Llama {
     config: ModelConfig,
+    /// This rank's heads, MLP columns and vocabulary (everything with one rank).
+    part: Partition,
+    /// Collectives with the other ranks (none with one rank).
+    comm: Communicator,
     kind: Kind,
     device: Device,
     embed: Tensor,
@@ -47,26 +53,48 @@ pub struct StepInput {
 }
 
 impl Llama {
+    /// Loads this rank's part of the model (`part`; everything with one rank).
     pub fn load(
         source: &WeightSource,
         config: ModelConfig,
+        part: Partition,
+        comm: Communicator,
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let load = |name: &str, shape: &[usize]| source.load(c, name, shape, kind, device);
+        let load_part = |name: &str, shape: &[usize], slice: Slice| {
+            source.load_slice(c, name, shape, slice, kind, device)
+        };
+        let rows = |r: &std::ops::Range<usize>, scale: usize| Slice::Rows {
+            start: r.start * scale,
+            len: r.len() * scale,
+        };
+        let cols = |r: &std::ops::Range<usize>, scale: usize| Slice::Cols {
+            start: r.start * scale,
+            len: r.len() * scale,
+        };
         // Compressed copies for small CPU batches, in reduced precision only (f32 stays
         // exact for reference checks).
         let compress = device == Device::Cpu && matches!(kind, Kind::BFloat16 | Kind::Half);
-        let linear = |dense: Tensor, parts: &[(String, [usize; 2])]| -> Result<Linear> {
+        let linear = |dense: Tensor, parts: &[(String, [usize; 2], Slice)]| -> Result<Linear> {
             let linear = Linear::dense(dense);
             if !compress {
                 return Ok(linear);
             }
             let mut codes = Vec::with_capacity(parts.len());
-            for (name, shape) in parts {
-                match source.int4_codes(c, name, shape)? {
+            for (name, shape, slice) in parts {
+                let Some(code) = source.int4_codes(c, name, shape)? else {
+                    return Ok(linear);
+                };
+                let code = match *slice {
+                    Slice::Full => Some(code),
+                    Slice::Rows { start, len } => code.select_rows(start, len),
+                    Slice::Cols { start, len } => code.select_cols(start, len),
+                };
+                match code {
                     Some(code) => codes.push(code),
                     None => return Ok(linear),
                 }
@@ -76,81 +104,63 @@ impl Llama {
                 None => Ok(linear),
             }
         };
-        let embed = load("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let vocab_rows = rows(&part.vocab, 1);
+        let embed = load_part("model.embed_tokens.weight", &[c.vocab_size, h], vocab_rows)?;
+        let (q_rows, kv_rows) = (rows(&part.heads, hd), rows(&part.kv_heads, hd));
+        let (nq, nkv) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let inter = c.intermediate_size;
+        let inter_rows = rows(&part.intermediate, 1);
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
-            let q = load(
-                &format!("{p}.self_attn.q_proj.weight"),
-                &[c.num_heads * hd, h],
-            )?;
-            let k = load(
-                &format!("{p}.self_attn.k_proj.weight"),
-                &[c.num_kv_heads * hd, h],
-            )?;
-            let v = load(
-                &format!("{p}.self_attn.v_proj.weight"),
-                &[c.num_kv_heads * hd, h],
-            )?;
-            let (nq, nkv) = (c.num_heads * hd, c.num_kv_heads * hd);
+            let names = |suffix: &str| format!("{p}.{suffix}");
+            let (qn, kn, vn) = (
+                names("self_attn.q_proj.weight"),
+                names("self_attn.k_proj.weight"),
+                names("self_attn.v_proj.weight"),
+            );
+            let q = load_part(&qn, &[nq, h], q_rows)?;
+            let k = load_part(&kn, &[nkv, h], kv_rows)?;
+            let v = load_part(&vn, &[nkv, h], kv_rows)?;
             let qkv = linear(
                 Tensor::f_cat(&[q, k, v], 0)?,
                 &[
-                    (format!("{p}.self_attn.q_proj.weight"), [nq, h]),
-                    (format!("{p}.self_attn.k_proj.weight"), [nkv, h]),
-                    (format!("{p}.self_attn.v_proj.weight"), [nkv, h]),
+                    (qn, [nq, h], q_rows),
+                    (kn, [nkv, h], kv_rows),
+                    (vn, [nkv, h], kv_rows),
                 ],
             )?;
             let qkv_bias = if c.attention_bias {
-                let qb = load(&format!("{p}.self_attn.q_proj.bias"), &[c.num_heads * hd])?;
-                let kb = load(
-                    &format!("{p}.self_attn.k_proj.bias"),
-                    &[c.num_kv_heads * hd],
-                )?;
-                let vb = load(
-                    &format!("{p}.self_attn.v_proj.bias"),
-                    &[c.num_kv_heads * hd],
-                )?;
+                let qb = load_part(&names("self_attn.q_proj.bias"), &[nq], q_rows)?;
+                let kb = load_part(&names("self_attn.k_proj.bias"), &[nkv], kv_rows)?;
+                let vb = load_part(&names("self_attn.v_proj.bias"), &[nkv], kv_rows)?;
                 Some(Tensor::f_cat(&[qb, kb, vb], 0)?)
             } else {
                 None
             };
-            let gate = load(
-                &format!("{p}.mlp.gate_proj.weight"),
-                &[c.intermediate_size, h],
-            )?;
-            let up = load(
-                &format!("{p}.mlp.up_proj.weight"),
-                &[c.intermediate_size, h],
-            )?;
+            let (gn, un, on, dn) = (
+                names("mlp.gate_proj.weight"),
+                names("mlp.up_proj.weight"),
+                names("self_attn.o_proj.weight"),
+                names("mlp.down_proj.weight"),
+            );
+            let gate = load_part(&gn, &[inter, h], inter_rows)?;
+            let up = load_part(&un, &[inter, h], inter_rows)?;
+            let o_cols = cols(&part.heads, hd);
+            let down_cols = cols(&part.intermediate, 1);
             layers.push(Layer {
-                attn_norm: load(&format!("{p}.input_layernorm.weight"), &[h])?,
+                attn_norm: load(&names("input_layernorm.weight"), &[h])?,
                 qkv,
                 qkv_bias,
-                o_proj: linear(
-                    load(&format!("{p}.self_attn.o_proj.weight"), &[h, nq])?,
-                    &[(format!("{p}.self_attn.o_proj.weight"), [h, nq])],
-                )?,
-                mlp_norm: load(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                o_proj: linear(load_part(&on, &[h, nq], o_cols)?, &[(on, [h, nq], o_cols)])?,
+                mlp_norm: load(&names("post_attention_layernorm.weight"), &[h])?,
                 gate_up: linear(
                     Tensor::f_cat(&[gate, up], 0)?,
-                    &[
-                        (
-                            format!("{p}.mlp.gate_proj.weight"),
-                            [c.intermediate_size, h],
-                        ),
-                        (format!("{p}.mlp.up_proj.weight"), [c.intermediate_size, h]),
-                    ],
+                    &[(gn, [inter, h], inter_rows), (un, [inter, h], inter_rows)],
                 )?,
                 down: linear(
-                    load(
-                        &format!("{p}.mlp.down_proj.weight"),
-                        &[h, c.intermediate_size],
-                    )?,
-                    &[(
-                        format!("{p}.mlp.down_proj.weight"),
-                        [h, c.intermediate_size],
-                    )],
+                    load_part(&dn, &[h, inter], down_cols)?,
+                    &[(dn, [h, inter], down_cols)],
                 )?,
             });
             // Give this layer's load temporaries back before the next layer's arrive.
@@ -161,7 +171,7 @@ impl Llama {
             if c.tie_word_embeddings || !source.contains("lm_head.weight") {
                 embed.shallow_clone()
             } else {
-                load("lm_head.weight", &[c.vocab_size, h])?
+                load_part("lm_head.weight", &[c.vocab_size, h], vocab_rows)?
             },
         );
         let lm_head = if compress {
@@ -173,6 +183,8 @@ impl Llama {
         let inv_freq = Tensor::f_from_slice(&inv)?.f_to_device(device)?;
         Ok(Self {
             config,
+            part,
+            comm,
             kind,
             device,
             embed,
@@ -181,6 +193,11 @@ impl Llama {
             lm_head,
             inv_freq,
         })
+    }
+
+    /// This rank's part of the model.
+    pub fn partition(&self) -> &Partition {
+        &self.part
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -225,10 +242,14 @@ impl Llama {
     /// Runs one step and returns the f32 logits of each sequence's last token, `[B, vocab]`.
     pub fn forward(&self, cache: &mut KvCache, input: &StepInput) -> Result<Tensor> {
         let c = &self.config;
-        let (nh, nkv, hd) = (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
+        let (nh, nkv, hd) = (
+            self.part.num_heads() as i64,
+            self.part.num_kv_heads() as i64,
+            c.head_dim as i64,
+        );
         let t = input.tokens.size().first().copied().unwrap_or(0);
         let (cos, sin) = self.rotary(&input.positions)?;
-        let mut hidden = self.embed.f_index_select(0, &input.tokens)?;
+        let mut hidden = self.embed_tokens(&input.tokens)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let x = self.rms_norm(&hidden, &layer.attn_norm)?;
             let mut qkv = layer.qkv.forward(&x)?;
@@ -256,17 +277,67 @@ impl Llama {
                 &cache.values[i],
                 nkv,
             )?;
-            hidden = hidden.f_add(&layer.o_proj.forward(&attn)?)?;
+            hidden = hidden.f_add(&self.reduce(layer.o_proj.forward(&attn)?)?)?;
             let x = self.rms_norm(&hidden, &layer.mlp_norm)?;
             let gate_up = layer.gate_up.forward(&x)?;
-            let inter = c.intermediate_size as i64;
+            let inter = self.part.intermediate.len() as i64;
             let gate = gate_up.f_narrow(1, 0, inter)?;
             let up = gate_up.f_narrow(1, inter, inter)?;
             let act = gate.f_silu()?.f_mul(&up)?;
-            hidden = hidden.f_add(&layer.down.forward(&act)?)?;
+            hidden = hidden.f_add(&self.reduce(layer.down.forward(&act)?)?)?;
         }
         let last = hidden.f_index_select(0, &input.last_index)?;
         let last = self.rms_norm(&last, &self.norm)?;
-        Ok(self.lm_head.forward(&last)?.f_to_kind(Kind::Float)?)
+        let logits = self.lm_head.forward(&last)?;
+        Ok(self.gather_vocab(logits)?.f_to_kind(Kind::Float)?)
+    }
+
+    /// Sums a row-parallel layer's partial outputs over the ranks.
+    fn reduce(&self, mut partial: Tensor) -> Result<Tensor> {
+        if !self.part.is_single() {
+            partial = partial.f_contiguous()?;
+            self.comm.all_reduce_sum(&mut partial)?;
+        }
+        Ok(partial)
+    }
+
+    /// Embeddings of `tokens`: each rank looks up the ids in its vocabulary slice (zero
+    /// for the others) and the ranks' rows are summed.
+    fn embed_tokens(&self, tokens: &Tensor) -> Result<Tensor> {
+        if self.part.is_single() {
+            return Ok(self.embed.f_index_select(0, tokens)?);
+        }
+        let (start, len) = (self.part.vocab.start as i64, self.part.vocab.len() as i64);
+        let local = tokens.f_sub_scalar(start)?;
+        let mine = local.f_ge(0)?.f_logical_and(&local.f_lt(len)?)?;
+        let rows = self
+            .embed
+            .f_index_select(0, &local.f_clamp(0, len - 1)?)?
+            .f_mul(&mine.f_unsqueeze(-1)?.f_to_kind(self.kind)?)?;
+        self.reduce(rows)
+    }
+
+    /// Full-vocabulary logits from each rank's slice (padded to equal widths).
+    fn gather_vocab(&self, logits: Tensor) -> Result<Tensor> {
+        if self.part.is_single() {
+            return Ok(logits);
+        }
+        let [rows, cols] = logits.size()[..] else {
+            return Ok(logits);
+        };
+        let chunk = self.part.vocab_chunk as i64;
+        let padded = if cols < chunk {
+            Tensor::f_cat(
+                &[
+                    logits.shallow_clone(),
+                    Tensor::f_zeros([rows, chunk - cols], (logits.kind(), logits.device()))?,
+                ],
+                1,
+            )?
+        } else {
+            logits.f_contiguous()?
+        };
+        let all = self.comm.all_gather(&padded, 1)?;
+        Ok(all.f_narrow(1, 0, self.config.vocab_size as i64)?)
     }
 }

@@ -97,7 +97,24 @@ impl WeightSource {
         kind: Kind,
         device: Device,
     ) -> Result<Tensor> {
-        let tensor = match self {
+        self.load_slice(config, hf_name, shape, Slice::Full, kind, device)
+    }
+
+    /// Like [`load`](Self::load), keeping only `slice` of the tensor (this rank's part
+    /// under tensor parallelism). A band of rows is read alone from safetensors files
+    /// and from GGUF tensors that need no un-permuting; other slices are cut from the
+    /// whole tensor, one tensor at a time.
+    pub fn load_slice(
+        &self,
+        config: &ModelConfig,
+        hf_name: &str,
+        shape: &[usize],
+        slice: Slice,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Tensor> {
+        slice.check(hf_name, shape)?;
+        let (tensor, rest) = match self {
             Self::Gguf(file) => {
                 let name = Self::gguf_name(hf_name);
                 let info = file
@@ -111,9 +128,15 @@ impl WeightSource {
                     let cols = shape.get(1).copied().unwrap_or(1);
                     let data = file.dequantize(&name)?;
                     let data = tessera_model::gguf::try_unpermute_qk(&data, heads, cols)?;
-                    Tensor::f_from_slice(&data)?.f_view(dims(shape).as_slice())?
+                    let full = Tensor::f_from_slice(&data)?.f_view(dims(shape).as_slice())?;
+                    (full, slice)
+                } else if let Slice::Rows { start, len } = slice {
+                    let rows = dequantize_in_chunks(file, &name, shape, start, len, kind, device)?;
+                    (rows, Slice::Full)
                 } else {
-                    return dequantize_in_chunks(file, &name, shape, kind, device);
+                    let rows = shape.first().copied().unwrap_or(1);
+                    let full = dequantize_in_chunks(file, &name, shape, 0, rows, kind, device)?;
+                    (full, slice)
                 }
             }
             Self::Safetensors { files, folder } => {
@@ -131,10 +154,71 @@ impl WeightSource {
                         })
                     }
                 };
-                Tensor::f_from_data_size(bytes.data, dims(shape).as_slice(), src_kind)?
+                if let Slice::Rows { start, len } = slice {
+                    // Only this band's bytes of the memory map are touched.
+                    let row_bytes = bytes.data.len() / shape.first().copied().unwrap_or(1).max(1);
+                    let band = &bytes.data[start * row_bytes..(start + len) * row_bytes];
+                    let mut band_shape = dims(shape);
+                    band_shape[0] = len as i64;
+                    (
+                        Tensor::f_from_data_size(band, &band_shape, src_kind)?,
+                        Slice::Full,
+                    )
+                } else {
+                    let full =
+                        Tensor::f_from_data_size(bytes.data, dims(shape).as_slice(), src_kind)?;
+                    (full, slice)
+                }
             }
         };
+        let tensor = rest.apply(&tensor)?;
         Ok(tensor.f_to_kind(kind)?.f_to_device(device)?)
+    }
+}
+
+/// The part of a weight one rank keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slice {
+    Full,
+    /// Rows `start..start + len` (dimension 0): column-parallel layers, vocabulary.
+    Rows {
+        start: usize,
+        len: usize,
+    },
+    /// Columns `start..start + len` (dimension 1): row-parallel layers.
+    Cols {
+        start: usize,
+        len: usize,
+    },
+}
+
+impl Slice {
+    fn check(&self, name: &str, shape: &[usize]) -> Result<()> {
+        let (dim, start, len) = match *self {
+            Slice::Full => return Ok(()),
+            Slice::Rows { start, len } => (0, start, len),
+            Slice::Cols { start, len } => (1, start, len),
+        };
+        match shape.get(dim) {
+            Some(&size) if start + len <= size && len > 0 => Ok(()),
+            _ => Err(EngineError::Shape {
+                name: format!("{name} (slice {self:?})"),
+                expected: shape.to_vec(),
+                found: shape.to_vec(),
+            }),
+        }
+    }
+
+    fn apply(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(match *self {
+            Slice::Full => t.shallow_clone(),
+            Slice::Rows { start, len } => {
+                t.f_narrow(0, start as i64, len as i64)?.f_contiguous()?
+            }
+            Slice::Cols { start, len } => {
+                t.f_narrow(1, start as i64, len as i64)?.f_contiguous()?
+            }
+        })
     }
 }
 
@@ -192,26 +276,33 @@ impl WeightSource {
 /// (the embedding) needs on its way to the model dtype.
 const DEQUANT_CHUNK: usize = 1 << 22;
 
-/// Dequantizes `name` a band of rows at a time straight into a tensor of `kind`.
+/// Dequantizes rows `first..first + count` of `name`, a band of rows at a time, straight
+/// into a tensor of `kind`.
 fn dequantize_in_chunks(
     file: &GgufFile,
     name: &str,
     shape: &[usize],
+    first: usize,
+    count: usize,
     kind: Kind,
     device: Device,
 ) -> Result<Tensor> {
-    let rows = shape.first().copied().unwrap_or(1);
     let cols: usize = shape.iter().skip(1).product::<usize>().max(1);
-    let out = Tensor::f_empty(dims(shape).as_slice(), (kind, device))?;
+    let mut out_shape = dims(shape);
+    if let Some(d) = out_shape.first_mut() {
+        *d = count as i64;
+    }
+    let out = Tensor::f_empty(out_shape.as_slice(), (kind, device))?;
     let band = (DEQUANT_CHUNK / cols).max(1);
-    let mut start = 0;
-    while start < rows {
-        let end = rows.min(start + band);
+    let mut start = first;
+    let end_row = first + count;
+    while start < end_row {
+        let end = end_row.min(start + band);
         let data = file.dequantize_rows(name, start, end)?;
         let chunk = Tensor::f_from_slice(&data)?
             .f_to_kind(kind)?
             .f_to_device(device)?;
-        let mut dst = out.f_narrow(0, start as i64, (end - start) as i64)?;
+        let mut dst = out.f_narrow(0, (start - first) as i64, (end - start) as i64)?;
         dst.f_copy_(&chunk.f_view_as(&dst)?)?;
         start = end;
     }

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tracing::info;
 
 use crate::cli::{engine_config, model_path, ModelArgs};
+use crate::collectives::GroupConfig;
 use crate::device::kind_name;
 use crate::engine::Engine;
 
@@ -32,15 +33,25 @@ pub struct ServeArgs {
         default_value = "/tmp/tessera-shard"
     )]
     pub uds_path: PathBuf,
-    /// Listen on TCP at this address instead of a unix socket.
+    /// Listen on TCP instead of a unix socket: rank 0 at this address, rank r at its
+    /// port + r.
     #[arg(long, env = "TESSERA_SHARD_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// This process's rank in its shard group.
+    /// This process's rank in its tensor-parallel shard group.
     #[arg(long, env = "TESSERA_RANK", default_value_t = 0)]
     pub rank: u32,
-    /// Ranks in the shard group (tensor parallelism across more than one rank comes with the c10d collectives).
+    /// Ranks in the shard group; the model is split over them (tensor parallelism).
     #[arg(long, env = "TESSERA_WORLD_SIZE", default_value_t = 1)]
     pub world_size: u32,
+    /// Host of rank 0's rendezvous store (c10d TCPStore), like torch's MASTER_ADDR.
+    #[arg(long, env = "TESSERA_MASTER_ADDR", default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Port of rank 0's rendezvous store, like torch's MASTER_PORT.
+    #[arg(long, env = "TESSERA_MASTER_PORT", default_value_t = 29500)]
+    pub master_port: u16,
+    /// Seconds to wait for the other ranks to join, and for any collective.
+    #[arg(long, env = "TESSERA_COLLECTIVE_TIMEOUT", default_value_t = 120)]
+    pub collective_timeout: u64,
     /// Name reported to clients; defaults to the model file or folder name.
     #[arg(long, env = "TESSERA_MODEL_ID")]
     pub model_id: Option<String>,
@@ -59,23 +70,41 @@ fn model_id(path: &Path) -> String {
 /// Loads the model, then serves until SIGINT/SIGTERM. The socket appears only
 /// once the model is loaded, so waiting for it is waiting for the shard.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if args.world_size != 1 || args.rank != 0 {
+    if args.world_size == 0 || args.rank >= args.world_size {
         anyhow::bail!(
-            "--world-size {} --rank {}: this build serves one rank per group (world size 1)",
-            args.world_size,
-            args.rank
+            "--rank {} must be below --world-size {}",
+            args.rank,
+            args.world_size
         );
     }
-    let config = engine_config(&args.model)?;
+    let mut config = engine_config(&args.model)?;
+    if args.world_size > 1 {
+        config.group = Some(GroupConfig {
+            rank: args.rank as usize,
+            world_size: args.world_size as usize,
+            master_addr: args.master_addr.clone(),
+            master_port: args.master_port,
+            timeout: std::time::Duration::from_secs(args.collective_timeout.max(1)),
+            nccl: config.device.is_cuda(),
+        });
+    }
     let path = model_path(&args.model);
     let engine =
         Engine::load(&path, &config).with_context(|| format!("loading {}", path.display()))?;
     let mc = engine.model_config();
-    let socket = PathBuf::from(format!("{}-{}", args.uds_path.display(), args.rank));
-    let url = match args.listen {
-        Some(addr) => format!("http://{addr}"),
-        None => format!("unix://{}", socket.display()),
+    let rank_url = |rank: u32| match args.listen {
+        Some(addr) => format!(
+            "http://{}",
+            SocketAddr::new(addr.ip(), addr.port().saturating_add(rank as u16))
+        ),
+        None => format!("unix://{}-{rank}", args.uds_path.display()),
     };
+    let socket = PathBuf::from(format!("{}-{}", args.uds_path.display(), args.rank));
+    let listen = args
+        .listen
+        .map(|a| SocketAddr::new(a.ip(), a.port().saturating_add(args.rank as u16)));
+    let url = rank_url(args.rank);
+    let urls: Vec<String> = (0..args.world_size).map(rank_url).collect();
     let info = pb::InfoResponse {
         model_id: args.model_id.clone().unwrap_or_else(|| model_id(&path)),
         model_path: path.display().to_string(),
@@ -98,7 +127,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let service = service::ShardService {
         commands: tx,
         info,
-        urls: vec![url.clone()],
+        urls,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -109,7 +138,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let server = tonic::transport::Server::builder().add_service(
             TextGenerationServiceServer::new(service).max_decoding_message_size(64 << 20),
         );
-        match args.listen {
+        match listen {
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
