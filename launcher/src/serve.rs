@@ -1,10 +1,12 @@
-//! `tessera serve`: starts the shard ranks, waits until they have loaded the
-//! model, starts the router (which warms them up), waits for it to be healthy,
-//! prints the URL, and supervises: SIGINT/SIGTERM drain gracefully; a child
-//! that dies takes the others down and makes `tessera` exit non-zero.
+//! `tessera serve`: starts the shard ranks (`--num-shard` ranks of tensor parallelism
+//! in each of `--replicas` groups), waits until they have loaded the model, starts the
+//! router (which warms them up), waits for it to be healthy, prints the URL, and
+//! supervises: SIGINT/SIGTERM drain gracefully. A rank that dies takes its group out
+//! of service; `tessera` stops everything and exits non-zero once no group is whole
+//! (with one group, at the first death), or when the router dies.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -24,9 +26,20 @@ pub struct ServeArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "TESSERA_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Shard ranks (one per device; tensor parallelism).
+    /// Shard ranks per group: the model is split over them (tensor parallelism; with
+    /// CUDA one GPU per rank).
     #[arg(long, env = "TESSERA_NUM_SHARD", default_value_t = 1)]
     pub num_shard: u32,
+    /// Independent shard groups behind the router (data parallelism), each with its
+    /// own batch and KV cache.
+    #[arg(long, env = "TESSERA_REPLICAS", default_value_t = 1)]
+    pub replicas: u32,
+    /// Host of each group's rendezvous store (c10d TCPStore on rank 0).
+    #[arg(long, env = "TESSERA_MASTER_ADDR", default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Port of group 0's rendezvous store (group g uses this + g); default: free ports.
+    #[arg(long, env = "TESSERA_MASTER_PORT")]
+    pub master_port: Option<u16>,
     /// Address the HTTP API listens on.
     #[arg(long, env = "TESSERA_HOSTNAME", default_value = "0.0.0.0")]
     pub hostname: IpAddr,
@@ -115,21 +128,67 @@ async fn healthy(port: u16) -> bool {
     }
 }
 
-async fn wait_for_socket(path: &Path, shard: &mut Child) -> anyhow::Result<()> {
+/// Waits until every rank's socket exists, failing if any rank exits first.
+async fn wait_for_sockets(shards: &mut [Shard]) -> anyhow::Result<()> {
     loop {
-        if path.exists() {
-            return Ok(());
+        let mut ready = true;
+        for shard in shards.iter_mut() {
+            if let Some(status) = shard.child.try_wait()? {
+                bail!(
+                    "{} exited ({status}) before it was ready: the model could not be loaded (see its log above)",
+                    shard.name
+                );
+            }
+            ready &= shard.socket.exists();
         }
-        if let Some(status) = shard.try_wait()? {
-            bail!("shard rank 0 exited ({status}) before it was ready: the model could not be loaded (see its log above)");
+        if ready {
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
+/// One shard process.
+struct Shard {
+    group: usize,
+    name: String,
+    socket: PathBuf,
+    child: Child,
+    alive: bool,
+}
+
+/// A port nobody listens on now (for a group's rendezvous).
+fn free_port() -> anyhow::Result<u16> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context("finding a free rendezvous port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// The device of rank `index` (counted over all groups): `cuda` gives each rank its own GPU.
+fn rank_device(device: &str, index: u32, total: u32) -> anyhow::Result<String> {
+    if device == "cuda" {
+        return Ok(format!("cuda:{index}"));
+    }
+    if device.starts_with("cuda:") && total > 1 {
+        bail!(
+            "--device {device} names one GPU but {total} shard ranks need one each; use --device cuda"
+        );
+    }
+    Ok(device.to_string())
+}
+
+async fn stop_all(shards: &mut [Shard], grace: Duration) {
+    for shard in shards.iter() {
+        terminate(&shard.child);
+    }
+    for shard in shards.iter_mut() {
+        stop(&mut shard.child, grace).await;
+    }
+}
+
 enum Stop {
     Signal,
-    ShardDied(std::process::ExitStatus),
+    ShardsDied(String),
     RouterDied(std::process::ExitStatus),
 }
 
@@ -142,12 +201,31 @@ async fn signal() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Returns when no group is whole any more, describing the deaths.
+async fn watch_shards(shards: &mut [Shard], groups: usize) -> String {
+    let mut deaths = Vec::new();
+    loop {
+        for shard in shards.iter_mut().filter(|s| s.alive) {
+            if let Ok(Some(status)) = shard.child.try_wait() {
+                shard.alive = false;
+                let what = format!("{} died ({status})", shard.name);
+                eprintln!("tessera: {what}; its group is out of service");
+                deaths.push(what);
+            }
+        }
+        let whole = (0..groups)
+            .filter(|&g| shards.iter().filter(|s| s.group == g).all(|s| s.alive))
+            .count();
+        if whole == 0 {
+            return deaths.join("; ");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    if args.num_shard != 1 {
-        bail!(
-            "--num-shard {}: tensor parallelism over several ranks is not available yet; use --num-shard 1",
-            args.num_shard
-        );
+    if args.num_shard == 0 || args.replicas == 0 {
+        bail!("--num-shard and --replicas must be at least 1");
     }
     let shard_bin = sibling("tessera-shard", "TESSERA_SHARD_BIN")?;
     let router_bin = sibling("tessera-router", "TESSERA_ROUTER_BIN")?;
@@ -155,34 +233,76 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .shard_uds_path
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("/tmp/tessera-{}-shard", std::process::id())));
-    let socket = PathBuf::from(format!("{}-0", uds.display()));
-    let _ = std::fs::remove_file(&socket);
-
-    let mut shard_cmd = Command::new(&shard_bin);
-    shard_cmd
-        .arg("serve")
-        .args(["--uds-path", &uds.display().to_string()])
-        .args(["--rank", "0", "--world-size", "1"])
-        .args(["--dtype", &args.dtype, "--device", &args.device])
-        .args(["--kv-tokens", &args.kv_tokens.to_string()])
-        .args(["--block-size", &args.block_size.to_string()])
-        .args(["--threads", &args.threads.to_string()]);
-    if let Some(model) = &args.model {
-        shard_cmd.arg("--model").arg(model);
+    let (ranks, groups) = (args.num_shard, args.replicas);
+    let mut shards: Vec<Shard> = Vec::new();
+    let mut group_uris = Vec::new();
+    for g in 0..groups {
+        // One group keeps the plain prefix (<prefix>-<rank>); several get <prefix>-g<g>.
+        let prefix = if groups == 1 {
+            uds.clone()
+        } else {
+            PathBuf::from(format!("{}-g{g}", uds.display()))
+        };
+        let port = match args.master_port {
+            Some(p) => p
+                .checked_add(g as u16)
+                .context("--master-port + replicas overflows")?,
+            None => free_port()?,
+        };
+        group_uris.push(format!("unix://{}-0", prefix.display()));
+        for r in 0..ranks {
+            let socket = PathBuf::from(format!("{}-{r}", prefix.display()));
+            let _ = std::fs::remove_file(&socket);
+            let device = rank_device(&args.device, g * ranks + r, groups * ranks)?;
+            let mut cmd = Command::new(&shard_bin);
+            cmd.arg("serve")
+                .args(["--uds-path", &prefix.display().to_string()])
+                .args(["--rank", &r.to_string(), "--world-size", &ranks.to_string()])
+                .args(["--master-addr", &args.master_addr])
+                .args(["--master-port", &port.to_string()])
+                .args(["--dtype", &args.dtype, "--device", &device])
+                .args(["--kv-tokens", &args.kv_tokens.to_string()])
+                .args(["--block-size", &args.block_size.to_string()])
+                .args(["--threads", &args.threads.to_string()]);
+            if let Some(model) = &args.model {
+                cmd.arg("--model").arg(model);
+            }
+            if let Some(id) = &args.model_id {
+                cmd.args(["--model-id", id]);
+            }
+            let name = if groups == 1 {
+                format!("shard rank {r}")
+            } else {
+                format!("shard rank {r} of replica {g}")
+            };
+            let child = match cmd.kill_on_drop(true).spawn() {
+                Ok(child) => child,
+                Err(e) => {
+                    stop_all(&mut shards, Duration::from_secs(10)).await;
+                    return Err(e).with_context(|| format!("starting {}", shard_bin.display()));
+                }
+            };
+            shards.push(Shard {
+                group: g as usize,
+                name,
+                socket,
+                child,
+                alive: true,
+            });
+        }
     }
-    if let Some(id) = &args.model_id {
-        shard_cmd.args(["--model-id", id]);
+    eprintln!(
+        "tessera: loading the model in {} shard rank(s) ({ranks} per group, {groups} group(s)) ...",
+        shards.len()
+    );
+    if let Err(e) = wait_for_sockets(&mut shards).await {
+        stop_all(&mut shards, Duration::from_secs(10)).await;
+        return Err(e);
     }
-    let mut shard = shard_cmd
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", shard_bin.display()))?;
-    eprintln!("tessera: loading the model in shard rank 0 ...");
-    wait_for_socket(&socket, &mut shard).await?;
 
     let mut router_cmd = Command::new(&router_bin);
     router_cmd
-        .args(["--shard-uri", &format!("unix://{}", socket.display())])
+        .args(["--shard-uri", &group_uris.join(",")])
         .args(["--hostname", &args.hostname.to_string()])
         .args(["--port", &args.port.to_string()])
         .args([
@@ -202,7 +322,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut router = match router_cmd.kill_on_drop(true).spawn() {
         Ok(router) => router,
         Err(e) => {
-            stop(&mut shard, Duration::from_secs(10)).await;
+            stop_all(&mut shards, Duration::from_secs(10)).await;
             return Err(e).with_context(|| format!("starting {}", router_bin.display()));
         }
     };
@@ -212,12 +332,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         if healthy(args.port).await {
             break;
         }
-        if let Some(status) = shard.try_wait()? {
-            stop(&mut router, Duration::from_secs(10)).await;
-            bail!("shard rank 0 died during warmup ({status})");
+        for shard in shards.iter_mut() {
+            if let Some(status) = shard.child.try_wait()? {
+                let name = shard.name.clone();
+                stop(&mut router, Duration::from_secs(10)).await;
+                stop_all(&mut shards, Duration::from_secs(10)).await;
+                bail!("{name} died during warmup ({status})");
+            }
         }
         if let Some(status) = router.try_wait()? {
-            stop(&mut shard, Duration::from_secs(10)).await;
+            stop_all(&mut shards, Duration::from_secs(10)).await;
             bail!("the router exited during startup ({status}); see its log above");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -234,24 +358,25 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     let why = tokio::select! {
         r = signal() => { r?; Stop::Signal }
-        s = shard.wait() => Stop::ShardDied(s?),
+        d = watch_shards(&mut shards, groups as usize) => Stop::ShardsDied(d),
         s = router.wait() => Stop::RouterDied(s?),
     };
     match why {
         Stop::Signal => {
             eprintln!("tessera: draining (the router finishes the requests in flight) ...");
             stop(&mut router, Duration::from_secs(60)).await;
-            stop(&mut shard, Duration::from_secs(10)).await;
+            stop_all(&mut shards, Duration::from_secs(10)).await;
             Ok(ExitCode::SUCCESS)
         }
-        Stop::ShardDied(status) => {
-            eprintln!("tessera: shard rank 0 died ({status}); stopping the router");
+        Stop::ShardsDied(deaths) => {
+            eprintln!("tessera: no shard group is whole any more ({deaths}); stopping");
             stop(&mut router, Duration::from_secs(10)).await;
+            stop_all(&mut shards, Duration::from_secs(10)).await;
             Ok(ExitCode::FAILURE)
         }
         Stop::RouterDied(status) => {
             eprintln!("tessera: the router exited ({status}); stopping the shards");
-            stop(&mut shard, Duration::from_secs(10)).await;
+            stop_all(&mut shards, Duration::from_secs(10)).await;
             Ok(ExitCode::FAILURE)
         }
     }
