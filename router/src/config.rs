@@ -82,6 +82,20 @@ impl Default for BatchingConfig {
     }
 }
 
+/// One `--shard-uri` value: trimmed, non-empty, with a scheme the client speaks.
+fn parse_shard_uri(value: &str) -> Result<String, String> {
+    let uri = value.trim();
+    if uri.is_empty() {
+        return Err("an empty shard address (a stray comma?)".into());
+    }
+    if !(uri.starts_with("unix://") || uri.starts_with("http://")) {
+        return Err(format!(
+            "`{uri}`: expected unix:///path/to/socket or http://host:port"
+        ));
+    }
+    Ok(uri.to_string())
+}
+
 /// `tessera-router`'s command line.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "tessera-router", version, about = "Tessera's HTTP router")]
@@ -92,14 +106,19 @@ pub struct RouterArgs {
     /// Port of the HTTP API.
     #[arg(long, short, env = "TESSERA_PORT", default_value_t = 3000)]
     pub port: u16,
-    /// gRPC address of shard rank 0: unix:///path/to/socket or http://host:port.
-    /// The other ranks are found through ServiceDiscovery.
+    /// gRPC address of rank 0 of a shard group: unix:///path/to/socket or
+    /// http://host:port; the group's other ranks are found through
+    /// ServiceDiscovery. Several groups (data-parallel replicas of the same
+    /// model) are served together: repeat the flag or separate the addresses
+    /// with commas (also in the environment variable).
     #[arg(
         long,
         env = "TESSERA_SHARD_URI",
+        value_delimiter = ',',
+        value_parser = parse_shard_uri,
         default_value = "unix:///tmp/tessera-shard-0"
     )]
-    pub shard_uri: String,
+    pub shard_uri: Vec<String>,
     /// Tokenizer source (a .gguf file or a Hugging Face folder); defaults to the
     /// model path the shard reports.
     #[arg(long, env = "TESSERA_TOKENIZER")]
@@ -120,4 +139,81 @@ pub struct RouterArgs {
     pub limits: Limits,
     #[command(flatten)]
     pub batching: BatchingConfig,
+}
+
+impl RouterArgs {
+    /// The replica groups' rank-0 addresses, each once: serving one group
+    /// through two batching tasks would hand out the same KV blocks and batch
+    /// ids twice.
+    pub fn replica_uris(&self) -> Result<Vec<String>, DuplicateShardUri> {
+        let mut seen = std::collections::HashSet::new();
+        for uri in &self.shard_uri {
+            if !seen.insert(uri.as_str()) {
+                return Err(DuplicateShardUri(uri.clone()));
+            }
+        }
+        Ok(self.shard_uri.clone())
+    }
+}
+
+/// The same shard group was named twice in `--shard-uri`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--shard-uri names {0} more than once: each replica group must be listed once")]
+pub struct DuplicateShardUri(pub String);
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<RouterArgs, clap::Error> {
+        RouterArgs::try_parse_from(std::iter::once("tessera-router").chain(args.iter().copied()))
+    }
+
+    /// The only test that reads or writes TESSERA_SHARD_URI (the others pass
+    /// the flag, which wins over the environment).
+    #[test]
+    fn one_shard_group_by_default_several_from_the_environment() {
+        std::env::remove_var("TESSERA_SHARD_URI");
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.shard_uri, vec!["unix:///tmp/tessera-shard-0"]);
+        std::env::set_var("TESSERA_SHARD_URI", "unix:///tmp/a-0,unix:///tmp/b-0");
+        let from_env = parse(&[]);
+        let flag_wins = parse(&["--shard-uri", "http://10.0.0.1:50051"]);
+        std::env::remove_var("TESSERA_SHARD_URI");
+        assert_eq!(
+            from_env.unwrap().shard_uri,
+            vec!["unix:///tmp/a-0", "unix:///tmp/b-0"]
+        );
+        assert_eq!(flag_wins.unwrap().shard_uri, vec!["http://10.0.0.1:50051"]);
+    }
+
+    #[test]
+    fn several_groups_by_repeating_or_commas() {
+        let args = parse(&[
+            "--shard-uri",
+            "unix:///tmp/a-0, unix:///tmp/b-0",
+            "--shard-uri",
+            "http://h:1",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.replica_uris().unwrap(),
+            vec!["unix:///tmp/a-0", "unix:///tmp/b-0", "http://h:1"]
+        );
+    }
+
+    #[test]
+    fn bad_and_repeated_addresses_are_refused() {
+        let e = parse(&["--shard-uri", "unix:///tmp/a-0,"]).unwrap_err();
+        assert!(e.to_string().contains("empty shard address"), "{e}");
+        let e = parse(&["--shard-uri", "tcp://h:1"]).unwrap_err();
+        assert!(e.to_string().contains("expected unix://"), "{e}");
+        let args = parse(&["--shard-uri", "http://h:1,http://h:1"]).unwrap();
+        assert_eq!(
+            args.replica_uris(),
+            Err(DuplicateShardUri("http://h:1".into()))
+        );
+    }
 }

@@ -1,5 +1,6 @@
-//! The Tessera router: validates HTTP requests (TGI and OpenAI schemas), batches
-//! them continuously and drives the shard ranks over gRPC.
+//! The Tessera router: validates HTTP requests (TGI and OpenAI schemas), spreads
+//! them over one or more replicas (independent shard groups of the same model),
+//! batches them continuously per replica and drives the shard ranks over gRPC.
 
 pub mod batcher;
 pub mod client;
@@ -7,4 +8,5 @@ pub mod config;
 pub mod http;
 pub mod infer;
 pub mod metrics;
+pub mod startup;
 pub mod validation;

@@ -1,9 +1,11 @@
 //! Prometheus metrics of the router, on `GET /metrics` (`tessera_` prefix,
-//! base units in names).
+//! base units in names). Series about one replica group (its queue, batch, KV
+//! blocks, shard steps and health) carry a `replica` label: the group's index
+//! in `--shard-uri`, "0", "1", ...
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Buckets for latencies of LLM requests: from 1 ms to 10 minutes.
@@ -29,14 +31,33 @@ pub struct Metrics {
     pub time_per_output_token: Histogram,
     pub input_tokens: Histogram,
     pub generated_tokens: Histogram,
+    /// Requests waiting for prefill, by replica.
+    pub queue_size: IntGaugeVec,
+    /// Requests in the running batch, by replica.
+    pub batch_size: IntGaugeVec,
+    /// Duration of one shard step, by phase (`prefill`, `decode`) and replica.
+    pub forward_duration: HistogramVec,
+    /// KV blocks held by running requests, by replica.
+    pub kv_blocks_used: IntGaugeVec,
+    /// KV blocks free, by replica.
+    pub kv_blocks_free: IntGaugeVec,
+    /// 1 while the replica's shard group answers health checks.
+    pub shard_healthy: IntGaugeVec,
+    /// Requests (one per sequence of `n`/`best_of`) dispatched to each replica.
+    pub replica_requests: IntCounterVec,
+}
+
+/// One replica's series, resolved once (label lookups stay off the hot path).
+#[derive(Clone)]
+pub struct ReplicaMetrics {
     pub queue_size: IntGauge,
     pub batch_size: IntGauge,
-    /// Duration of one shard step, by phase (`prefill`, `decode`).
-    pub forward_duration: HistogramVec,
+    pub prefill_duration: Histogram,
+    pub decode_duration: Histogram,
     pub kv_blocks_used: IntGauge,
     pub kv_blocks_free: IntGauge,
-    /// 1 while the shards answer, by shard group.
-    pub shard_healthy: IntGaugeVec,
+    pub shard_healthy: IntGauge,
+    pub requests: IntCounter,
 }
 
 fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
@@ -60,23 +81,24 @@ impl Metrics {
         let forward_duration = HistogramVec::new(
             HistogramOpts::new(
                 "tessera_batch_forward_duration_seconds",
-                "Duration of one shard step (forward pass and sampling), by phase",
+                "Duration of one shard step (forward pass and sampling), by phase and replica",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
-            &["phase"],
+            &["phase", "replica"],
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let shard_healthy = IntGaugeVec::new(
-            Opts::new(
-                "tessera_shard_healthy",
-                "1 while the shard group answers health checks, else 0",
-            ),
-            &["group"],
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let gauge = |name: &str, help: &str| {
-            IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"))
+        let per_replica = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &["replica"])
+                .unwrap_or_else(|e| panic!("metric {name}: {e}"))
         };
+        let replica_requests = IntCounterVec::new(
+            Opts::new(
+                "tessera_replica_requests_total",
+                "Requests dispatched to each replica (shard group), one per sequence of n or best_of",
+            ),
+            &["replica"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         let metrics = Metrics {
             requests,
             request_duration: histogram(
@@ -119,18 +141,28 @@ impl Metrics {
                 "Generated tokens per request",
                 TOKEN_BUCKETS,
             ),
-            queue_size: gauge("tessera_queue_size", "Requests waiting for prefill"),
-            batch_size: gauge(
+            queue_size: per_replica(
+                "tessera_queue_size",
+                "Requests waiting for prefill, by replica",
+            ),
+            batch_size: per_replica(
                 "tessera_batch_current_size",
-                "Requests in the running batch",
+                "Requests in the running batch, by replica",
             ),
             forward_duration,
-            kv_blocks_used: gauge(
+            kv_blocks_used: per_replica(
                 "tessera_kv_cache_blocks_used",
-                "KV cache blocks held by running requests",
+                "KV cache blocks held by running requests, by replica",
             ),
-            kv_blocks_free: gauge("tessera_kv_cache_blocks_free", "KV cache blocks free"),
-            shard_healthy,
+            kv_blocks_free: per_replica(
+                "tessera_kv_cache_blocks_free",
+                "KV cache blocks free, by replica",
+            ),
+            shard_healthy: per_replica(
+                "tessera_shard_healthy",
+                "1 while the replica's shard group answers health checks, else 0",
+            ),
+            replica_requests,
             registry,
         };
         metrics.register_all();
@@ -154,11 +186,32 @@ impl Metrics {
             Box::new(self.kv_blocks_used.clone()),
             Box::new(self.kv_blocks_free.clone()),
             Box::new(self.shard_healthy.clone()),
+            Box::new(self.replica_requests.clone()),
         ];
         for c in collectors {
             if let Err(e) = self.registry.register(c) {
                 panic!("registering a metric: {e}");
             }
+        }
+    }
+
+    /// The series of replica `index`; from now on they are exposed (at 0).
+    pub fn replica(&self, index: usize) -> ReplicaMetrics {
+        let label = index.to_string();
+        let replica = [label.as_str()];
+        ReplicaMetrics {
+            queue_size: self.queue_size.with_label_values(&replica),
+            batch_size: self.batch_size.with_label_values(&replica),
+            prefill_duration: self
+                .forward_duration
+                .with_label_values(&["prefill", label.as_str()]),
+            decode_duration: self
+                .forward_duration
+                .with_label_values(&["decode", label.as_str()]),
+            kv_blocks_used: self.kv_blocks_used.with_label_values(&replica),
+            kv_blocks_free: self.kv_blocks_free.with_label_values(&replica),
+            shard_healthy: self.shard_healthy.with_label_values(&replica),
+            requests: self.replica_requests.with_label_values(&replica),
         }
     }
 
@@ -176,5 +229,31 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_series_carry_the_replica_label() {
+        let metrics = Metrics::new();
+        let r1 = metrics.replica(1);
+        r1.queue_size.set(3);
+        r1.requests.inc();
+        r1.decode_duration.observe(0.01);
+        metrics.replica(0).shard_healthy.set(1);
+        let text = metrics.render();
+        for line in [
+            "tessera_queue_size{replica=\"1\"} 3",
+            "tessera_replica_requests_total{replica=\"1\"} 1",
+            "tessera_batch_forward_duration_seconds_count{phase=\"decode\",replica=\"1\"} 1",
+            "tessera_shard_healthy{replica=\"0\"} 1",
+            "tessera_kv_cache_blocks_free{replica=\"0\"} 0",
+            "# HELP tessera_replica_requests_total Requests dispatched",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 }

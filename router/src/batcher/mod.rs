@@ -1,5 +1,6 @@
-//! Continuous batching: one task owns the queue, the running batch and the KV
-//! block allocator, and drives the shards step by step.
+//! Continuous batching: per replica (shard group), one task owns the queue,
+//! the running batch and the KV block allocator, and drives the shards step by
+//! step; [`Replicas`] sends each new request to one of them.
 
 mod health;
 
@@ -24,10 +25,14 @@ pub struct Entry {
 }
 
 mod blocks;
+mod dispatch;
 mod policy;
+mod replica;
 mod task;
 
 pub use blocks::BlockAllocator;
+pub use dispatch::{choose, Replicas};
+pub use replica::{blocks_for, Candidate, Load, Replica, TaskStopped};
 pub use task::BatchingTask;
 
 use std::time::Duration;
@@ -35,16 +40,18 @@ use std::time::Duration;
 use crate::client::ShardedClient;
 use crate::metrics::Metrics;
 
-/// Checks the shard group every `period`: `/health` answers 503 while a rank
-/// does not answer (a busy rank answers after its current step).
+/// Checks replica `replica`'s shard group every `period`: the replica takes no
+/// new requests while a rank does not answer (a busy rank answers after its
+/// current step), and `tessera_shard_healthy{replica}` is 0.
+#[tracing::instrument(skip(client, reporter, metrics, period))]
 pub async fn watch_health(
     mut client: ShardedClient,
     reporter: HealthReporter,
     metrics: Metrics,
-    group: String,
+    replica: usize,
     period: Duration,
 ) {
-    let gauge = metrics.shard_healthy.with_label_values(&[group.as_str()]);
+    let gauge = metrics.replica(replica).shard_healthy;
     loop {
         let outcome = tokio::time::timeout(Duration::from_secs(60), client.health()).await;
         match outcome {
@@ -64,5 +71,37 @@ pub async fn watch_health(
             }
         }
         tokio::time::sleep(period).await;
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Entries for unit tests.
+
+    use std::time::Instant;
+
+    use tokio::sync::mpsc;
+    use tracing::Span;
+
+    use super::Entry;
+    use crate::infer::{ValidGenerateRequest, ValidParameters, ValidStopping};
+
+    /// An entry with a `prompt`-token prompt; its response channel is closed.
+    pub fn entry(prompt: usize, max_new_tokens: u32) -> Entry {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        Entry {
+            request: ValidGenerateRequest {
+                inputs: "x".into(),
+                input_ids: vec![1; prompt],
+                parameters: ValidParameters::default(),
+                stopping: ValidStopping {
+                    max_new_tokens,
+                    ..Default::default()
+                },
+            },
+            response: tx,
+            queued: Instant::now(),
+            span: Span::none(),
+        }
     }
 }

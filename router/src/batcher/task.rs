@@ -1,20 +1,22 @@
-//! The batching task: owns the waiting queue, the running batch and the block
-//! allocator; between decode steps it prefills newcomers and merges them in.
+//! The batching task of one replica: owns the waiting queue, the running batch
+//! and the block allocator; between decode steps it prefills newcomers and
+//! merges them in. After every step and admission it publishes its [`Load`].
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use tessera_proto as pb;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{info_span, warn, Instrument};
 
 use super::blocks::BlockAllocator;
 use super::policy::{admit, should_prefill, Need};
+use super::replica::Load;
 use super::{Entry, Health, HealthReporter};
 use crate::client::{ClientError, ShardedClient};
 use crate::config::BatchingConfig;
 use crate::infer::{FinishReason, GeneratedText, InferError, InferStreamResponse, Token};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReplicaMetrics};
 
 /// A request in the running batch.
 struct Active {
@@ -32,11 +34,17 @@ struct Running {
 }
 
 pub struct BatchingTask {
+    /// The replica's index (metric labels, spans).
+    replica: usize,
     client: ShardedClient,
     config: BatchingConfig,
     blocks: BlockAllocator,
-    metrics: Metrics,
+    metrics: ReplicaMetrics,
     health: HealthReporter,
+    load: watch::Sender<Load>,
+    /// Entries taken from the channel, and their blocks, ever.
+    received: u64,
+    received_blocks: u64,
     waiting: VecDeque<(u64, Entry)>,
     running: Running,
     next_request_id: u64,
@@ -64,23 +72,35 @@ fn finish_reason(code: i32) -> Option<FinishReason> {
 }
 
 impl BatchingTask {
+    /// The task of replica `replica`, over a KV pool of `num_blocks` blocks of
+    /// `block_size` tokens (its own warmup's answer).
     pub fn new(
+        replica: usize,
         client: ShardedClient,
         config: BatchingConfig,
         num_blocks: u32,
         block_size: u32,
-        metrics: Metrics,
+        metrics: &Metrics,
         health: HealthReporter,
     ) -> Self {
         let blocks = BlockAllocator::new(num_blocks, block_size, config.max_batch_total_tokens);
-        metrics.kv_blocks_free.set(blocks.free() as i64);
+        let metrics = metrics.replica(replica);
+        metrics.kv_blocks_free.set(i64::from(blocks.free()));
         metrics.kv_blocks_used.set(0);
+        let (load, _) = watch::channel(Load {
+            free_blocks: u64::from(blocks.free()),
+            ..Load::default()
+        });
         Self {
+            replica,
             client,
             config,
             blocks,
             metrics,
             health,
+            load,
+            received: 0,
+            received_blocks: 0,
             waiting: VecDeque::new(),
             running: Running {
                 batch_ids: Vec::new(),
@@ -95,6 +115,16 @@ impl BatchingTask {
     /// KV tokens the router may hand out in all.
     pub fn capacity_tokens(&self) -> u64 {
         self.blocks.total() as u64 * self.blocks.block_size() as u64
+    }
+
+    /// Tokens per KV block.
+    pub fn block_size(&self) -> u32 {
+        self.blocks.block_size()
+    }
+
+    /// The task's [`Load`], updated after every step and admission.
+    pub fn load(&self) -> watch::Receiver<Load> {
+        self.load.subscribe()
     }
 
     /// Runs until the entry channel closes and every request is done.
@@ -144,7 +174,11 @@ impl BatchingTask {
         let needed =
             entry.request.input_ids.len() as u64 + entry.request.stopping.max_new_tokens as u64;
         let capacity = self.capacity_tokens();
-        if self.blocks.blocks_for(needed) > self.blocks.total() as u64 {
+        let blocks = self.blocks.blocks_for(needed);
+        // The dispatcher counted these when it sent the entry (same formula).
+        self.received += 1;
+        self.received_blocks += blocks;
+        if blocks > self.blocks.total() as u64 {
             let _ = entry
                 .response
                 .send(Err(InferError::TooLarge { needed, capacity }));
@@ -155,13 +189,31 @@ impl BatchingTask {
         self.waiting.push_back((id, entry));
     }
 
+    /// Sets the replica's gauges and publishes its load to the dispatcher.
     fn update_gauges(&self) {
         self.metrics.queue_size.set(self.waiting.len() as i64);
         self.metrics
             .batch_size
             .set(self.running.requests.len() as i64);
-        self.metrics.kv_blocks_free.set(self.blocks.free() as i64);
-        self.metrics.kv_blocks_used.set(self.blocks.used() as i64);
+        self.metrics
+            .kv_blocks_free
+            .set(i64::from(self.blocks.free()));
+        self.metrics
+            .kv_blocks_used
+            .set(i64::from(self.blocks.used()));
+        let load = Load {
+            free_blocks: u64::from(self.blocks.free()),
+            queued_blocks: self.waiting.iter().map(|(_, e)| self.need(e).blocks).sum(),
+            queued: self.waiting.len() as u64,
+            running: self.running.requests.len() as u64,
+            received: self.received,
+            received_blocks: self.received_blocks,
+        };
+        self.load.send_if_modified(|current| {
+            let changed = *current != load;
+            *current = load;
+            changed
+        });
     }
 
     fn need(&self, entry: &Entry) -> Need {
@@ -236,7 +288,12 @@ impl BatchingTask {
                 },
             );
         }
-        let span = info_span!("prefill", batch_id, size = requests.len());
+        let span = info_span!(
+            "prefill",
+            replica = self.replica,
+            batch_id,
+            size = requests.len()
+        );
         for a in new.values() {
             span.follows_from(&a.entry.span);
         }
@@ -252,8 +309,7 @@ impl BatchingTask {
             Ok(response) => {
                 if let Some(t) = &response.timings {
                     self.metrics
-                        .forward_duration
-                        .with_label_values(&["prefill"])
+                        .prefill_duration
                         .observe(t.forward_ns as f64 / 1e9);
                 }
                 let ids: Vec<u64> = new.keys().copied().collect();
@@ -269,7 +325,10 @@ impl BatchingTask {
                 self.reconcile(&kept, ids);
             }
             Err(e) => {
-                warn!("prefill of batch {batch_id} failed: {e}");
+                warn!(
+                    "replica {}: prefill of batch {batch_id} failed: {e}",
+                    self.replica
+                );
                 let error = self.shard_failed(&e);
                 for (_, active) in new {
                     self.blocks.release(active.blocks);
@@ -287,15 +346,18 @@ impl BatchingTask {
             return;
         }
         let batch_ids = std::mem::take(&mut self.running.batch_ids);
-        let span = info_span!("decode", size = self.running.requests.len());
+        let span = info_span!(
+            "decode",
+            replica = self.replica,
+            size = self.running.requests.len()
+        );
         let result = self.client.decode(batch_ids.clone()).instrument(span).await;
         self.steps_since_prefill = self.steps_since_prefill.saturating_add(1);
         match result {
             Ok(response) => {
                 if let Some(t) = &response.timings {
                     self.metrics
-                        .forward_duration
-                        .with_label_values(&["decode"])
+                        .decode_duration
                         .observe(t.forward_ns as f64 / 1e9);
                 }
                 self.handle_generations(response.generations);
@@ -310,7 +372,7 @@ impl BatchingTask {
                 self.reconcile(&kept, all);
             }
             Err(e) => {
-                warn!("decode failed: {e}");
+                warn!("replica {}: decode failed: {e}", self.replica);
                 self.fail_running(self.shard_failed(&e));
                 for id in batch_ids {
                     let _ = self.client.clear_cache(Some(id)).await;
@@ -319,8 +381,8 @@ impl BatchingTask {
         }
     }
 
-    /// The error for the requests of a failed step; the server is unhealthy
-    /// until the health checker hears from the shards again.
+    /// The error for the requests of a failed step; this replica takes no new
+    /// requests until its health checker hears from the shards again.
     fn shard_failed(&self, e: &ClientError) -> InferError {
         self.health.set(Health::Down(e.to_string()));
         InferError::Generation(e.to_string())
@@ -420,7 +482,10 @@ impl BatchingTask {
             Ok(Some(batch)) => self.running.batch_ids = vec![batch.id],
             Ok(None) => self.running.batch_ids.clear(),
             Err(e) => {
-                warn!("filtering batch {batch_id} failed: {e}");
+                warn!(
+                    "replica {}: filtering batch {batch_id} failed: {e}",
+                    self.replica
+                );
                 self.fail_running(self.shard_failed(&e));
                 let _ = self.client.clear_cache(Some(batch_id)).await;
             }

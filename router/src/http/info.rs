@@ -40,11 +40,14 @@ pub struct ServerInfo {
     pub waiting_served_ratio: f32,
     /// Tokens per KV cache block.
     pub block_size: u32,
-    /// KV cache blocks per shard.
+    /// KV cache blocks per shard (of the replica with the smallest KV cache).
     pub num_blocks: u64,
     pub max_total_kv_tokens: u64,
-    /// Shard ranks (tensor parallel degree).
+    /// Shard ranks per replica (tensor parallel degree).
     pub world_size: u32,
+    /// Replicas: independent shard groups serving the same model (data parallel
+    /// degree). `max_batch_*` and the KV cache figures are per replica.
+    pub replicas: usize,
     pub version: String,
     pub sha: Option<String>,
     pub router: String,
@@ -83,6 +86,7 @@ impl ServerInfo {
             num_blocks: 0,
             max_total_kv_tokens: 0,
             world_size: 1,
+            replicas: 1,
             version: env!("CARGO_PKG_VERSION").into(),
             sha: None,
             router: "tessera-router".into(),
@@ -101,18 +105,23 @@ pub async fn info(State(state): State<AppState>) -> Json<ServerInfo> {
     Json(state.info.as_ref().clone())
 }
 
+/// 200 while at least one replica is ready: requests go only to ready replicas,
+/// so the server still serves (with less capacity) while others are down, and a
+/// load balancer should keep sending it traffic. 503 with every replica's
+/// reason when none is; with one replica this is that group's health.
+/// `tessera_shard_healthy{replica}` shows each group's own health.
 #[utoipa::path(
     get,
     path = "/health",
     tag = "Server",
     responses(
-        (status = 200, description = "Every shard is ready"),
-        (status = 503, description = "Not ready, with the reason", body = ErrorBody),
+        (status = 200, description = "At least one replica (shard group) is ready"),
+        (status = 503, description = "No replica is ready, with the reason", body = ErrorBody),
     )
 )]
 #[tracing::instrument(skip_all)]
 pub async fn health(State(state): State<AppState>) -> Response {
-    let health = state.infer.health();
+    let health = state.infer.replicas();
     if health.is_ready() {
         StatusCode::OK.into_response()
     } else {
@@ -163,6 +172,7 @@ mod tests {
             assert!(json.get(field).is_some(), "{field}");
         }
         assert_eq!(json["max_concurrent_requests"], 7);
+        assert_eq!(json["replicas"], 1);
         assert_eq!(json["max_total_tokens"], 4096);
     }
 }

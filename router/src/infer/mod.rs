@@ -1,5 +1,6 @@
 //! The front of inference: takes validated requests, enforces the concurrency
-//! limit, hands them to the batching task and returns their token streams.
+//! limit, hands each to the batching task of one replica (shard group) and
+//! returns their token streams.
 
 mod types;
 
@@ -10,10 +11,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use tracing::Span;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tracing::info_span;
 
-use crate::batcher::{Entry, HealthState};
+use crate::batcher::{Entry, HealthState, Load, Replica, Replicas};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum InferError {
@@ -45,32 +46,40 @@ impl InferError {
 pub type InferStream =
     Pin<Box<dyn Stream<Item = Result<InferStreamResponse, InferError>> + Send + Sync>>;
 
-/// Cheap to clone; every clone talks to the same batching task.
+/// Cheap to clone; every clone talks to the same batching tasks.
 #[derive(Clone)]
 pub struct Infer {
-    entries: mpsc::UnboundedSender<Entry>,
+    replicas: Arc<Replicas>,
     limit: Arc<Semaphore>,
     max_concurrent_requests: usize,
-    health: HealthState,
 }
 
 impl Infer {
+    /// One batching task behind `entries` (a server with one replica, and
+    /// tests with a scripted stand-in for the task).
     pub fn new(
         entries: mpsc::UnboundedSender<Entry>,
         max_concurrent_requests: usize,
         health: HealthState,
     ) -> Self {
+        // Nothing publishes a load: with one replica there is nothing to choose.
+        let (_, load) = watch::channel(Load::default());
+        let replica = Replica::new(0, entries, health, load, 1);
+        Self::with_replicas(Replicas::new(vec![replica]), max_concurrent_requests)
+    }
+
+    /// Several replicas: each request goes to one of them (see [`Replicas::dispatch`]).
+    pub fn with_replicas(replicas: Replicas, max_concurrent_requests: usize) -> Self {
         Self {
-            entries,
+            replicas: Arc::new(replicas),
             limit: Arc::new(Semaphore::new(max_concurrent_requests)),
             max_concurrent_requests,
-            health,
         }
     }
 
-    /// Whether every shard answered its last health check and the batching task runs.
-    pub fn health(&self) -> &HealthState {
-        &self.health
+    /// The replicas, their health and load.
+    pub fn replicas(&self) -> &Replicas {
+        &self.replicas
     }
 
     /// Queues `request` and returns its token stream. Dropping the stream
@@ -84,19 +93,17 @@ impl Infer {
             .clone()
             .try_acquire_owned()
             .map_err(|_| InferError::Overloaded(self.max_concurrent_requests))?;
-        if !self.health.is_ready() {
-            return Err(InferError::Unavailable(self.health.reason()));
-        }
         let (tx, rx) = mpsc::unbounded_channel();
+        // The batch spans follow from this one; `replica` is filled in once chosen.
+        let span = info_span!("queued", replica = tracing::field::Empty);
         let entry = Entry {
             request,
             response: tx,
             queued: Instant::now(),
-            span: Span::current(),
+            span: span.clone(),
         };
-        self.entries
-            .send(entry)
-            .map_err(|_| InferError::Unavailable("the batching task has stopped".into()))?;
+        let replica = self.replicas.dispatch(entry)?;
+        span.record("replica", replica);
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |event| {
             // The permit lives as long as the stream.
             let _held = &permit;
