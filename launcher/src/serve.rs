@@ -58,7 +58,8 @@ pub struct ServeArgs {
     /// Tokens per KV cache block.
     #[arg(long, env = "TESSERA_BLOCK_SIZE", default_value_t = 16)]
     pub block_size: usize,
-    /// Intra-op CPU threads per shard (0: libtorch's default).
+    /// Intra-op CPU threads per shard rank (0: libtorch's default with one rank, the
+    /// cores shared out evenly with several).
     #[arg(long, env = "TESSERA_THREADS", default_value_t = 0)]
     pub threads: i32,
     /// Name reported by /info and /v1/models.
@@ -234,6 +235,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("/tmp/tessera-{}-shard", std::process::id())));
     let (ranks, groups) = (args.num_shard, args.replicas);
+    // CPU ranks share the machine's cores: libtorch's default (all cores in every
+    // rank) oversubscribes them, and its spinning workers then starve each other.
+    let threads = if args.threads == 0 && args.device == "cpu" && ranks * groups > 1 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        (cores / (ranks * groups)).max(1) as i32
+    } else {
+        args.threads
+    };
     let mut shards: Vec<Shard> = Vec::new();
     let mut group_uris = Vec::new();
     for g in 0..groups {
@@ -263,7 +272,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 .args(["--dtype", &args.dtype, "--device", &device])
                 .args(["--kv-tokens", &args.kv_tokens.to_string()])
                 .args(["--block-size", &args.block_size.to_string()])
-                .args(["--threads", &args.threads.to_string()]);
+                .args(["--threads", &threads.to_string()]);
             if let Some(model) = &args.model {
                 cmd.arg("--model").arg(model);
             }

@@ -31,15 +31,16 @@ pub fn parse_decode(text: &str) -> Option<DecodeCounters> {
             .next()
             .and_then(|v| v.trim().parse::<f64>().ok());
         let is_sum = line.starts_with("tessera_batch_forward_duration_seconds_sum");
+        // Several replicas each have their own series: they are summed.
         if line.contains("phase=\"prefill\"") {
             if is_sum {
-                prefill = value.unwrap_or(0.0);
+                prefill += value.unwrap_or(0.0);
             }
         } else if line.contains("phase=\"decode\"") {
             if is_sum {
-                sum = value;
+                sum = Some(sum.unwrap_or(0.0) + value.unwrap_or(0.0));
             } else if line.starts_with("tessera_batch_forward_duration_seconds_count") {
-                count = value;
+                count = Some(count.unwrap_or(0.0) + value.unwrap_or(0.0));
             }
         }
     }
@@ -108,6 +109,21 @@ tessera_batch_forward_duration_seconds_count{phase="prefill"} 3
         assert_eq!(c.steps, 100.0);
         assert_eq!(c.prefill_seconds, 9.0);
         assert!(parse_decode("tessera_queue_size 0\n").is_none());
+    }
+
+    #[test]
+    fn replicas_series_are_summed() {
+        let text = r#"tessera_batch_forward_duration_seconds_sum{phase="decode",replica="0"} 1.5
+tessera_batch_forward_duration_seconds_count{phase="decode",replica="0"} 100
+tessera_batch_forward_duration_seconds_sum{phase="decode",replica="1"} 0.5
+tessera_batch_forward_duration_seconds_count{phase="decode",replica="1"} 20
+tessera_batch_forward_duration_seconds_sum{phase="prefill",replica="0"} 2
+tessera_batch_forward_duration_seconds_sum{phase="prefill",replica="1"} 1
+"#;
+        let c = parse_decode(text).unwrap();
+        assert_eq!(c.seconds, 2.0);
+        assert_eq!(c.steps, 120.0);
+        assert_eq!(c.prefill_seconds, 3.0);
     }
 
     #[test]

@@ -340,11 +340,27 @@ pub fn client(timeout: Duration) -> reqwest::blocking::Client {
         .unwrap()
 }
 
-/// `name value` from a Prometheus text exposition.
+/// The value of metric `name` in a Prometheus text exposition, summed over all of
+/// its label sets (`name value` and `name{...} value` lines); `name{labels}` picks
+/// the series whose labels start with `labels`.
 pub fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines()
+    let values: Vec<f64> = text
+        .lines()
         .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .filter_map(|l| {
+            let rest = if let Some(prefix) = name.strip_suffix('}') {
+                l.strip_prefix(prefix)?.split_once("} ")?.1
+            } else {
+                let rest = l.strip_prefix(name)?;
+                match rest.strip_prefix('{') {
+                    Some(labelled) => labelled.split_once("} ")?.1,
+                    None => rest.strip_prefix(' ')?,
+                }
+            };
+            rest.trim().parse().ok()
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 /// Server-sent events of a response: each item is the `data:` payload of one
