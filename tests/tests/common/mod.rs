@@ -427,6 +427,8 @@ pub struct Server {
     pub proc: Proc,
     pub port: u16,
     pub http: Http,
+    /// The shards' unix socket prefix (`--shard-uds-path`).
+    pub uds: PathBuf,
 }
 
 impl Server {
@@ -450,6 +452,7 @@ impl Server {
             proc,
             port,
             http: Http::new(port),
+            uds,
         };
         server.wait_healthy(Duration::from_secs(120));
         server
