@@ -2,7 +2,7 @@
 //! the engine itself, one process per dtype so that each peak RSS is its own.
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -10,6 +10,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{engine_config, model_path, ModelArgs};
+use crate::collectives::GroupConfig;
 use crate::kv_cache::BlockAllocator;
 use crate::sampling::SamplingParams;
 use crate::stopping::StoppingCriteria;
@@ -40,9 +41,19 @@ pub struct BenchArgs {
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Tensor-parallel ranks (processes) to split the model over; the figures also
+    /// give the time spent in collectives per decode step.
+    #[arg(long, default_value_t = 1)]
+    pub world_size: usize,
     /// Internal: measure `--dtype` in this process and print one JSON line.
     #[arg(long, hide = true)]
     pub single: bool,
+    /// Internal: this process's rank with `--single`.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub rank: usize,
+    /// Internal: the rendezvous port with `--single`.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub master_port: u16,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -57,6 +68,12 @@ pub struct Figures {
     /// (batch size, tokens/s over all sequences), from the median step time.
     pub decode_tokens_per_second: Vec<(usize, f64)>,
     pub peak_rss_mib: f64,
+    /// Ranks the model was split over.
+    #[serde(default)]
+    pub world_size: usize,
+    /// (batch size, seconds in collectives per decode step, share of the step), medians.
+    #[serde(default)]
+    pub decode_collectives: Vec<(usize, f64, f64)>,
 }
 
 /// Largest number of prompt tokens prefilled in one forward pass by the decode benchmark.
@@ -71,32 +88,64 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let exe = std::env::current_exe().context("locating the tessera-shard binary")?;
+    let world = args.world_size.max(1);
+    // Ranks on one machine share its cores (see `tessera serve`).
+    let threads = if args.model.threads == 0 && world > 1 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / world).max(1) as i32
+    } else {
+        args.model.threads
+    };
     let mut all = Vec::new();
     for dtype in &args.dtypes {
-        let mut cmd = Command::new(&exe);
-        cmd.arg("bench")
-            .arg("--single")
-            .args(["--dtype", dtype, "--device", &args.model.device])
-            .args(["--threads", &args.model.threads.to_string()])
-            .args(["--kv-tokens", &args.model.kv_tokens.to_string()])
-            .args(["--block-size", &args.model.block_size.to_string()])
-            .args(["--prefill-lens", &join(&args.prefill_lens)])
-            .args(["--batch-sizes", &join(&args.batch_sizes)])
-            .args(["--decode-context", &args.decode_context.to_string()])
-            .args(["--decode-steps", &args.decode_steps.to_string()])
-            .args(["--repeats", &args.repeats.to_string()]);
-        if let Some(m) = &args.model.model {
-            cmd.arg("--model").arg(m);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .context("finding a free rendezvous port")?;
+        let mut children = Vec::with_capacity(world);
+        for rank in 0..world {
+            let mut cmd = Command::new(&exe);
+            cmd.arg("bench")
+                .arg("--single")
+                .args(["--dtype", dtype, "--device", &args.model.device])
+                .args(["--threads", &threads.to_string()])
+                .args(["--kv-tokens", &args.model.kv_tokens.to_string()])
+                .args(["--block-size", &args.model.block_size.to_string()])
+                .args(["--prefill-lens", &join(&args.prefill_lens)])
+                .args(["--batch-sizes", &join(&args.batch_sizes)])
+                .args(["--decode-context", &args.decode_context.to_string()])
+                .args(["--decode-steps", &args.decode_steps.to_string()])
+                .args(["--repeats", &args.repeats.to_string()])
+                .args([
+                    "--world-size",
+                    &world.to_string(),
+                    "--rank",
+                    &rank.to_string(),
+                ])
+                .args(["--master-port", &port.to_string()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            if let Some(m) = &args.model.model {
+                cmd.arg("--model").arg(m);
+            }
+            children.push(cmd.spawn().context("running the bench child process")?);
         }
-        eprintln!("bench: measuring {dtype} ...");
-        let out = cmd.output().context("running the bench child process")?;
-        if !out.status.success() {
-            bail!(
-                "bench for {dtype} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
+        eprintln!("bench: measuring {dtype} on {world} rank(s) ...");
+        let mut outputs = Vec::with_capacity(world);
+        for child in children {
+            outputs.push(
+                child
+                    .wait_with_output()
+                    .context("waiting for a bench child")?,
             );
         }
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        if let Some(failed) = outputs.iter().find(|o| !o.status.success()) {
+            bail!(
+                "bench for {dtype} failed: {}",
+                String::from_utf8_lossy(&failed.stderr)
+            );
+        }
+        let stdout = String::from_utf8_lossy(&outputs[0].stdout);
         let line = stdout
             .lines()
             .find_map(|l| l.strip_prefix(MARK))
@@ -117,8 +166,12 @@ fn join(v: &[usize]) -> String {
 
 fn print_figures(f: &Figures) {
     println!(
-        "model {} | {} on {} | {} threads",
-        f.model, f.dtype, f.device, f.threads
+        "model {} | {} on {} | {} threads | {} rank(s)",
+        f.model,
+        f.dtype,
+        f.device,
+        f.threads,
+        f.world_size.max(1)
     );
     println!("  load time            {:>9.2} s", f.load_seconds);
     for (len, tps) in &f.prefill_tokens_per_second {
@@ -126,6 +179,13 @@ fn print_figures(f: &Figures) {
     }
     for (b, tps) in &f.decode_tokens_per_second {
         println!("  decode batch {b:>3}     {tps:>9.1} tokens/s");
+    }
+    for (b, seconds, share) in &f.decode_collectives {
+        println!(
+            "  collectives, batch {b:>3} {:>7.2} ms per decode step ({:.0}% of it)",
+            seconds * 1e3,
+            share * 100.0
+        );
     }
     println!("  peak RSS             {:>9.1} MiB", f.peak_rss_mib);
 }
@@ -168,7 +228,17 @@ fn request(
 
 fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
     let _guard = tch::no_grad_guard();
-    let config = engine_config(&args.model)?;
+    let mut config = engine_config(&args.model)?;
+    if args.world_size > 1 {
+        config.group = Some(GroupConfig {
+            rank: args.rank,
+            world_size: args.world_size,
+            master_addr: "127.0.0.1".into(),
+            master_port: args.master_port,
+            timeout: std::time::Duration::from_secs(300),
+            nccl: config.device.is_cuda(),
+        });
+    }
     let path = model_path(&args.model);
     let start = Instant::now();
     let mut engine = Engine::load(&path, &config)?;
@@ -196,6 +266,7 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
     }
 
     let mut decode = Vec::new();
+    let mut collectives = Vec::new();
     let warmup = 2;
     for &b in &args.batch_sizes {
         let steps = (args.decode_steps + warmup + 1) as u32;
@@ -214,10 +285,13 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
             batch.merge(group);
         }
         let mut times = Vec::new();
+        let mut exchange = Vec::new();
         for step in 0..warmup + args.decode_steps {
+            let before = engine.collective_time().seconds;
             let t = Instant::now();
             let generations = engine.decode(&mut batch)?;
             let elapsed = t.elapsed().as_secs_f64();
+            let in_collectives = engine.collective_time().seconds - before;
             if generations.len() != b {
                 bail!(
                     "decode step {step} advanced {} of {b} sequences",
@@ -226,9 +300,16 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
             }
             if step >= warmup {
                 times.push(elapsed);
+                exchange.push((in_collectives, in_collectives / elapsed.max(1e-12)));
             }
         }
-        decode.push((b, b as f64 / median(times)));
+        let step = median(times);
+        decode.push((b, b as f64 / step));
+        if args.world_size > 1 {
+            let seconds = median(exchange.iter().map(|e| e.0).collect());
+            let share = median(exchange.iter().map(|e| e.1).collect());
+            collectives.push((b, seconds, share));
+        }
         for (_, table) in batch.filter(&[]) {
             blocks.release(table);
         }
@@ -242,6 +323,8 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
         prefill_tokens_per_second: prefill,
         decode_tokens_per_second: decode,
         peak_rss_mib: peak_rss_mib(),
+        world_size: args.world_size.max(1),
+        decode_collectives: collectives,
     })
 }
 

@@ -7,7 +7,8 @@
 //! same call, or fails with a [`CollectiveError`] after the group's timeout.
 
 use std::ffi::{c_char, c_int, CString};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tch::Tensor;
 
@@ -125,6 +126,16 @@ pub struct Communicator {
     rank: usize,
     world: usize,
     group: Option<Group>,
+    /// Nanoseconds spent in collectives, and their number (for the benchmarks).
+    spent_ns: AtomicU64,
+    calls: AtomicU64,
+}
+
+/// Time spent in collectives so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CollectiveTime {
+    pub seconds: f64,
+    pub calls: u64,
 }
 
 impl Communicator {
@@ -134,7 +145,23 @@ impl Communicator {
             rank: 0,
             world: 1,
             group: None,
+            spent_ns: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
         }
+    }
+
+    /// Total time in collectives since this rank joined.
+    pub fn time_spent(&self) -> CollectiveTime {
+        CollectiveTime {
+            seconds: self.spent_ns.load(Ordering::Relaxed) as f64 * 1e-9,
+            calls: self.calls.load(Ordering::Relaxed),
+        }
+    }
+
+    fn record(&self, started: Instant) {
+        let ns = started.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.spent_ns.fetch_add(ns, Ordering::Relaxed);
+        self.calls.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Joins the group (rank 0 hosts the store); blocks until every rank has joined.
@@ -179,6 +206,8 @@ impl Communicator {
             rank: config.rank,
             world: config.world_size,
             group: Some(Group { raw }),
+            spent_ns: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
         })
     }
 
@@ -205,6 +234,7 @@ impl Communicator {
             return Ok(());
         };
         let mut err = [0u8; ERR_LEN];
+        let started = Instant::now();
         // SAFETY: the group and the tensor are alive; the shim reports failures in `err`.
         let status = unsafe {
             tessera_all_reduce_sum(
@@ -214,6 +244,7 @@ impl Communicator {
                 ERR_LEN,
             )
         };
+        self.record(started);
         if status != 0 {
             return Err(self.op_error("all-reduce", &err));
         }
@@ -229,6 +260,7 @@ impl Communicator {
         let mut input = tensor.shallow_clone();
         let mut output: TensorPtr = std::ptr::null_mut();
         let mut err = [0u8; ERR_LEN];
+        let started = Instant::now();
         // SAFETY: as above; on success the shim stores a new heap tensor in `output`,
         // whose ownership passes to the `Tensor` built below.
         let status = unsafe {
@@ -241,6 +273,7 @@ impl Communicator {
                 ERR_LEN,
             )
         };
+        self.record(started);
         if status != 0 || output.is_null() {
             return Err(self.op_error("all-gather", &err));
         }
@@ -254,6 +287,7 @@ impl Communicator {
             return Ok(());
         };
         let mut err = [0u8; ERR_LEN];
+        let started = Instant::now();
         // SAFETY: as in `all_reduce_sum`.
         let status = unsafe {
             tessera_broadcast(
@@ -264,6 +298,7 @@ impl Communicator {
                 ERR_LEN,
             )
         };
+        self.record(started);
         if status != 0 {
             return Err(self.op_error("broadcast", &err));
         }

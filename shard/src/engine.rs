@@ -245,6 +245,11 @@ impl Engine {
         self.model.config()
     }
 
+    /// Time this rank has spent exchanging activations with the other ranks.
+    pub fn collective_time(&self) -> crate::collectives::CollectiveTime {
+        self.model.collective_time()
+    }
+
     pub fn cache(&self) -> &KvCache {
         &self.cache
     }

@@ -5,7 +5,7 @@ use tch::{Device, Kind, Tensor};
 use tessera_model::config::ModelConfig;
 
 use crate::attention::{self, AttentionPlan};
-use crate::collectives::Communicator;
+use crate::collectives::{CollectiveTime, Communicator};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::linear::{Int4Codes, Linear};
@@ -198,6 +198,11 @@ impl Llama {
     /// This rank's part of the model.
     pub fn partition(&self) -> &Partition {
         &self.part
+    }
+
+    /// Time this rank has spent in collectives.
+    pub fn collective_time(&self) -> CollectiveTime {
+        self.comm.time_spent()
     }
 
     pub fn config(&self) -> &ModelConfig {
