@@ -66,10 +66,20 @@ fn build_shim(torch_lib: Option<&str>) {
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .define("USE_C10D_GLOO", None)
         .define("USE_DISTRIBUTED", None);
+    // ProcessGroupNCCL needs nccl.h and the CUDA toolkit headers, which the torch wheel
+    // lacks: with the cuda feature, TESSERA_NCCL_INCLUDE (folders separated by ':', e.g.
+    // the nvidia-nccl and CUDA headers) turns it on; without it, several CUDA ranks are
+    // refused with a clear error at startup.
+    println!("cargo:rerun-if-env-changed=TESSERA_NCCL_INCLUDE");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
-        build
-            .define("USE_C10D_NCCL", None)
-            .define("TESSERA_NCCL", None);
+        if let Some(dirs) = std::env::var_os("TESSERA_NCCL_INCLUDE") {
+            for dir in std::env::split_paths(&dirs) {
+                build.include(dir);
+            }
+            build
+                .define("USE_C10D_NCCL", None)
+                .define("TESSERA_NCCL", None);
+        }
     }
     build.compile("tessera_shim");
     let lib = torch_lib.expect("TESSERA_TORCH_LIB (the wheel's torch/lib, for libgomp)");
