@@ -42,6 +42,7 @@ pub fn engine_config(args: &ModelArgs) -> Result<EngineConfig> {
         num_blocks: 0,
         max_kv_tokens: args.kv_tokens,
         group: None,
+        grouped_decode_attention: false,
     })
 }
 

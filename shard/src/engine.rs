@@ -41,6 +41,9 @@ pub struct EngineConfig {
     pub max_kv_tokens: usize,
     /// This rank's tensor-parallel group; `None` runs the whole model alone.
     pub group: Option<GroupConfig>,
+    /// Decode attention by gathering into padded groups and batched matmuls (what CUDA
+    /// uses) even on the CPU, instead of the in-place kernel; for tests and comparisons.
+    pub grouped_decode_attention: bool,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +55,7 @@ impl Default for EngineConfig {
             num_blocks: 0,
             max_kv_tokens: 16_384,
             group: None,
+            grouped_decode_attention: false,
         }
     }
 }
@@ -164,6 +168,8 @@ impl Batch {
 }
 
 pub struct Engine {
+    /// Whether decode attention reads the KV pools in place (CPU kernel).
+    in_place_attention: bool,
     model: Llama,
     cache: KvCache,
     tokenizer: Tokenizer,
@@ -223,7 +229,11 @@ impl Engine {
             .filter(|(_, t)| t.special)
             .map(|(id, _)| id)
             .collect();
+        let in_place_attention = config.device == Device::Cpu
+            && cpu_attention::supports(config.kind)
+            && !config.grouped_decode_attention;
         Ok(Self {
+            in_place_attention,
             model,
             cache,
             tokenizer,
@@ -434,35 +444,52 @@ impl Engine {
         let mut tokens = Vec::with_capacity(b);
         let mut positions = Vec::with_capacity(b);
         let mut slots = Vec::with_capacity(b);
-        let kv_heads = self.model.partition().num_kv_heads();
+        for &i in &active {
+            let s = &batch.seqs[i];
+            let pos = s.tokens.len() - 1;
+            tokens.push(s.tokens[pos] as i64);
+            positions.push(pos as i64);
+            slots.push(self.slot(s.id, &s.block_table, pos)?);
+        }
         let device = self.model.device();
-        if device == Device::Cpu && cpu_attention::supports(self.model.kind()) {
+        let attention = if self.in_place_attention {
             // Attention reads the pools in place: only each sequence's slots are needed.
             let mut contexts = DecodeContexts::new();
             for &i in &active {
                 let s = &batch.seqs[i];
-                let pos = s.tokens.len() - 1;
-                tokens.push(s.tokens[pos] as i64);
-                positions.push(pos as i64);
-                let context = (0..=pos)
+                let context = (0..s.tokens.len())
                     .map(|p| self.slot(s.id, &s.block_table, p))
                     .collect::<Result<Vec<i64>>>()?;
-                slots.push(context[pos]);
                 contexts.push(context);
             }
-            let input = StepInput {
-                tokens: self.device_i64(&tokens)?,
-                positions: self.device_i64(&positions)?,
-                slots: self.device_i64(&slots)?,
-                last_index: Tensor::f_arange(b as i64, (Kind::Int64, device))?,
-                attention: AttentionPlan::DecodeInPlace(contexts),
-            };
-            let logits = self.model.forward(&mut self.cache, &input)?;
-            let mut view = ActiveView { batch, active };
-            return self.sample_active(&mut view, &logits);
-        }
+            AttentionPlan::DecodeInPlace(contexts)
+        } else {
+            AttentionPlan::Decode(self.decode_groups(batch, &active, &lens)?)
+        };
+        let input = StepInput {
+            tokens: self.device_i64(&tokens)?,
+            positions: self.device_i64(&positions)?,
+            slots: self.device_i64(&slots)?,
+            last_index: Tensor::f_arange(b as i64, (Kind::Int64, device))?,
+            attention,
+        };
+        let logits = self.model.forward(&mut self.cache, &input)?;
+        let mut view = ActiveView { batch, active };
+        self.sample_active(&mut view, &logits)
+    }
+
+    /// Gather indices and masks for the grouped decode attention (devices other than
+    /// the CPU): `active` sorted by context length, `lens` their lengths.
+    fn decode_groups(
+        &self,
+        batch: &Batch,
+        active: &[usize],
+        lens: &[usize],
+    ) -> Result<Vec<DecodeGroup>> {
+        let kv_heads = self.model.partition().num_kv_heads();
+        let device = self.model.device();
         let mut groups = Vec::new();
-        for (start, end) in plan_decode_groups(&lens, MAX_DECODE_GROUPS, DECODE_GROUP_COST) {
+        for (start, end) in plan_decode_groups(lens, MAX_DECODE_GROUPS, DECODE_GROUP_COST) {
             let max_len = lens[end - 1];
             let count = end - start;
             // Pool rows (pool viewed as [slots * kv_heads, head_dim]) of every context
@@ -473,8 +500,6 @@ impl Engine {
             for (row, &i) in active[start..end].iter().enumerate() {
                 let s = &batch.seqs[i];
                 let pos = s.tokens.len() - 1;
-                tokens.push(s.tokens[pos] as i64);
-                positions.push(pos as i64);
                 // Padding points at the sequence's own first slot, which always holds
                 // finite values, so that the -inf mask can never meet garbage.
                 context.fill(self.slot(s.id, &s.block_table, 0)?);
@@ -482,7 +507,6 @@ impl Engine {
                     *slot = self.slot(s.id, &s.block_table, p)?;
                 }
                 mask[row * max_len..row * max_len + pos + 1].fill(0.0);
-                slots.push(context[pos]);
                 for h in 0..kv_heads {
                     let out = &mut rows[(row * kv_heads + h) * max_len..][..max_len];
                     for (dst, &slot) in out.iter_mut().zip(&context) {
@@ -501,16 +525,7 @@ impl Engine {
                     .f_to_device(device)?,
             });
         }
-        let input = StepInput {
-            tokens: self.device_i64(&tokens)?,
-            positions: self.device_i64(&positions)?,
-            slots: self.device_i64(&slots)?,
-            last_index: Tensor::f_arange(b as i64, (Kind::Int64, device))?,
-            attention: AttentionPlan::Decode(groups),
-        };
-        let logits = self.model.forward(&mut self.cache, &input)?;
-        let mut view = ActiveView { batch, active };
-        self.sample_active(&mut view, &logits)
+        Ok(groups)
     }
 
     fn sample(&self, batch: &mut Batch, logits: &Tensor) -> Result<Vec<Generation>> {

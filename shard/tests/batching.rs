@@ -165,11 +165,27 @@ fn half_precisions_run_on_safetensors_models() {
     }
 }
 
-/// Contexts of very different lengths are attended in separate groups within
-/// one decode step; each sequence still gets exactly its solo tokens.
+/// Contexts of very different lengths in one decode step: each sequence still gets
+/// exactly its solo tokens, with the in-place CPU kernel and with the grouped
+/// gather-and-matmul attention (CUDA's path, forced here on the CPU).
 #[test]
 fn decoding_contexts_of_very_different_lengths_equals_each_alone() {
-    let mut engine = load(&default_model(), tch::Kind::Float);
+    for grouped in [false, true] {
+        let engine = tessera_shard::Engine::load(
+            &default_model(),
+            &tessera_shard::EngineConfig {
+                kind: tch::Kind::Float,
+                max_kv_tokens: 8192,
+                grouped_decode_attention: grouped,
+                ..tessera_shard::EngineConfig::default()
+            },
+        )
+        .expect("loading the default model");
+        mixed_lengths_equal_each_alone(engine);
+    }
+}
+
+fn mixed_lengths_equal_each_alone(mut engine: tessera_shard::Engine) {
     let mut blocks = allocator(&engine);
     let new_tokens = 8u32;
     let long = "The history of the city is long and full of events. ".repeat(60);
