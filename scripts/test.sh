@@ -22,13 +22,14 @@ cargo build --release --workspace --bins
 status=0
 cargo test --release --workspace --no-fail-fast "$@" || status=$?
 # The CUDA build must keep compiling and linking (it links libtorch_cuda.so from the
-# same wheel; no GPU or CUDA library is needed to link). Cargo keeps both feature sets'
-# artifacts, so the CPU binary is restored at once afterwards.
+# same wheel; no GPU or CUDA library is needed to link). Built for the whole workspace
+# so that dependencies keep their features and only the shard crate is rebuilt; cargo
+# keeps both variants, so the CPU binaries are restored at once afterwards.
 echo "tessera test: checking that the CUDA build links" >&2
-cargo build --release -p tessera-shard --features cuda --bin tessera-shard
+cargo build --release --workspace --bins --features tessera-shard/cuda
 if ! ldd target/release/tessera-shard | grep -q 'libtorch_cuda.so'; then
   echo "tessera test: the CUDA build does not link libtorch_cuda.so" >&2
   status=1
 fi
-cargo build --release -p tessera-shard --bin tessera-shard
+cargo build --release --workspace --bins
 exit "$status"
