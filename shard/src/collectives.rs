@@ -228,27 +228,33 @@ impl Communicator {
         }
     }
 
+    /// Runs one shim call, timing it and turning a failure into an error naming `op`.
+    /// `call` gets the error buffer and its length.
+    fn exchange(
+        &self,
+        op: &'static str,
+        call: impl FnOnce(*mut c_char, usize) -> c_int,
+    ) -> Result<(), CollectiveError> {
+        let mut err = [0u8; ERR_LEN];
+        let started = Instant::now();
+        let status = call(err.as_mut_ptr() as *mut c_char, ERR_LEN);
+        self.record(started);
+        if status != 0 {
+            return Err(self.op_error(op, &err));
+        }
+        Ok(())
+    }
+
     /// Sums `tensor` over all ranks, in place (contiguous tensors only).
     pub fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<(), CollectiveError> {
         let Some(group) = &self.group else {
             return Ok(());
         };
-        let mut err = [0u8; ERR_LEN];
-        let started = Instant::now();
+        let tensor = tensor.as_mut_ptr().cast();
         // SAFETY: the group and the tensor are alive; the shim reports failures in `err`.
-        let status = unsafe {
-            tessera_all_reduce_sum(
-                group.raw,
-                tensor.as_mut_ptr().cast(),
-                err.as_mut_ptr() as *mut c_char,
-                ERR_LEN,
-            )
-        };
-        self.record(started);
-        if status != 0 {
-            return Err(self.op_error("all-reduce", &err));
-        }
-        Ok(())
+        self.exchange("all-reduce", |err, len| unsafe {
+            tessera_all_reduce_sum(group.raw, tensor, err, len)
+        })
     }
 
     /// Every rank's `tensor` (the same shape on all ranks), concatenated along `dim`
@@ -258,24 +264,15 @@ impl Communicator {
             return Ok(tensor.shallow_clone());
         };
         let mut input = tensor.shallow_clone();
+        let input = input.as_mut_ptr().cast();
         let mut output: TensorPtr = std::ptr::null_mut();
-        let mut err = [0u8; ERR_LEN];
-        let started = Instant::now();
         // SAFETY: as above; on success the shim stores a new heap tensor in `output`,
         // whose ownership passes to the `Tensor` built below.
-        let status = unsafe {
-            tessera_all_gather(
-                group.raw,
-                input.as_mut_ptr().cast(),
-                dim,
-                &mut output,
-                err.as_mut_ptr() as *mut c_char,
-                ERR_LEN,
-            )
-        };
-        self.record(started);
-        if status != 0 || output.is_null() {
-            return Err(self.op_error("all-gather", &err));
+        self.exchange("all-gather", |err, len| unsafe {
+            tessera_all_gather(group.raw, input, dim, &mut output, err, len)
+        })?;
+        if output.is_null() {
+            return Err(self.op_error("all-gather", b"the shim returned no tensor"));
         }
         // SAFETY: `output` is a tensor the shim allocated for us (see above).
         Ok(unsafe { Tensor::from_ptr(output.cast()) })
@@ -286,23 +283,11 @@ impl Communicator {
         let Some(group) = &self.group else {
             return Ok(());
         };
-        let mut err = [0u8; ERR_LEN];
-        let started = Instant::now();
+        let tensor = tensor.as_mut_ptr().cast();
         // SAFETY: as in `all_reduce_sum`.
-        let status = unsafe {
-            tessera_broadcast(
-                group.raw,
-                tensor.as_mut_ptr().cast(),
-                root as c_int,
-                err.as_mut_ptr() as *mut c_char,
-                ERR_LEN,
-            )
-        };
-        self.record(started);
-        if status != 0 {
-            return Err(self.op_error("broadcast", &err));
-        }
-        Ok(())
+        self.exchange("broadcast", |err, len| unsafe {
+            tessera_broadcast(group.raw, tensor, root as c_int, err, len)
+        })
     }
 
     /// Returns once every rank has called it.
@@ -310,14 +295,10 @@ impl Communicator {
         let Some(group) = &self.group else {
             return Ok(());
         };
-        let mut err = [0u8; ERR_LEN];
         // SAFETY: the group is alive; failures are reported in `err`.
-        let status =
-            unsafe { tessera_barrier(group.raw, err.as_mut_ptr() as *mut c_char, ERR_LEN) };
-        if status != 0 {
-            return Err(self.op_error("barrier", &err));
-        }
-        Ok(())
+        self.exchange("barrier", |err, len| unsafe {
+            tessera_barrier(group.raw, err, len)
+        })
     }
 }
 
