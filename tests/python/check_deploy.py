@@ -204,6 +204,7 @@ def check_consistency(objects, values, notes):
     assert env["TESSERA_PORT"] == str(v["port"])
     if v["model"]["path"]:
         assert env["TESSERA_MODEL"] == v["model"]["path"]
+    assert env.get("TESSERA_OTLP_ENDPOINT") == (v["otlpEndpoint"] or None)
     gpus = v["numShard"] * v["replicas"]
     resources = container["resources"]
     name = v["gpu"]["resourceName"]
