@@ -68,9 +68,15 @@ pub struct ServeArgs {
     /// Unix socket prefix of the shards (default: one per launcher process under /tmp).
     #[arg(long, env = "TESSERA_SHARD_UDS_PATH")]
     pub shard_uds_path: Option<PathBuf>,
-    /// Log as JSON lines.
+    /// Log as JSON lines (router and shards).
     #[arg(long, env = "TESSERA_JSON_OUTPUT")]
     pub json_output: bool,
+    /// Export traces over OTLP/gRPC to this collector (e.g.
+    /// http://localhost:4317), from the router and every shard rank. The
+    /// standard OTEL_* variables (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME,
+    /// OTEL_RESOURCE_ATTRIBUTES, ...) reach them too.
+    #[arg(long, env = "TESSERA_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// More flags for tessera-router (its limits and batching settings: see
     /// `tessera-router --help`; each also has an environment variable), after `--`.
     #[arg(last = true)]
@@ -279,6 +285,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             if let Some(id) = &args.model_id {
                 cmd.args(["--model-id", id]);
             }
+            if args.json_output {
+                cmd.arg("--json-output");
+            }
+            if let Some(endpoint) = &args.otlp_endpoint {
+                cmd.args(["--otlp-endpoint", endpoint]);
+            }
             let name = if groups == 1 {
                 format!("shard rank {r}")
             } else {
@@ -326,6 +338,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     if args.json_output {
         router_cmd.arg("--json-output");
+    }
+    if let Some(endpoint) = &args.otlp_endpoint {
+        router_cmd.args(["--otlp-endpoint", endpoint]);
     }
     router_cmd.args(&args.router_args);
     let mut router = match router_cmd.kill_on_drop(true).spawn() {

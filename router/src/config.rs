@@ -135,6 +135,11 @@ pub struct RouterArgs {
     /// Log as JSON lines.
     #[arg(long, env = "TESSERA_JSON_OUTPUT")]
     pub json_output: bool,
+    /// Export traces over OTLP/gRPC to this collector (e.g.
+    /// http://localhost:4317). Without it, `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) turns export on.
+    #[arg(long, env = "TESSERA_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     #[command(flatten)]
     pub limits: Limits,
     #[command(flatten)]

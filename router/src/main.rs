@@ -10,20 +10,8 @@ use clap::Parser;
 use tessera_router::config::RouterArgs;
 use tessera_router::http;
 use tessera_router::startup::{self, Timing};
+use tessera_telemetry::TelemetryConfig;
 use tracing::info;
-
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -44,9 +32,19 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = RouterArgs::parse();
-    init_logging(args.json_output);
-    let addr = SocketAddr::new(args.hostname, args.port);
+    let mut config = TelemetryConfig::new("tessera-router");
+    config.json = args.json_output;
+    config.otlp_endpoint = args.otlp_endpoint.clone();
+    let telemetry = tessera_telemetry::init(&config).context("setting up logs and traces")?;
+    let result = run(args).await;
+    // Every span has ended (the HTTP server and the batching tasks are gone):
+    // export what is still buffered before exiting.
+    telemetry.shutdown(Duration::from_secs(10)).await;
+    result
+}
 
+async fn run(args: RouterArgs) -> anyhow::Result<()> {
+    let addr = SocketAddr::new(args.hostname, args.port);
     let started = startup::start(args, Timing::default())
         .await
         .context("starting the router")?;

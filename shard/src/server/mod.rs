@@ -55,6 +55,14 @@ pub struct ServeArgs {
     /// Name reported to clients; defaults to the model file or folder name.
     #[arg(long, env = "TESSERA_MODEL_ID")]
     pub model_id: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long, env = "TESSERA_JSON_OUTPUT")]
+    pub json_output: bool,
+    /// Export traces over OTLP/gRPC to this collector (e.g.
+    /// http://localhost:4317). Without it, `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) turns export on.
+    #[arg(long, env = "TESSERA_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 fn model_id(path: &Path) -> String {
@@ -67,9 +75,34 @@ fn model_id(path: &Path) -> String {
         .unwrap_or(name)
 }
 
-/// Loads the model, then serves until SIGINT/SIGTERM. The socket appears only
+/// Sets up logs and traces (service `tessera-shard` with resource attributes
+/// `tessera.rank` and `tessera.world_size`), loads the model, then serves until
+/// SIGINT/SIGTERM and flushes the spans still buffered. The socket appears only
 /// once the model is loaded, so waiting for it is waiting for the shard.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let mut config = tessera_telemetry::TelemetryConfig::new("tessera-shard");
+    config.json = args.json_output;
+    config.otlp_endpoint = args.otlp_endpoint.clone();
+    config.resource = vec![
+        ("tessera.rank", i64::from(args.rank)),
+        ("tessera.world_size", i64::from(args.world_size)),
+    ];
+    // The exporter's batch processor and gRPC channel run on this runtime.
+    let telemetry = {
+        let _runtime = runtime.enter();
+        tessera_telemetry::init(&config).context("setting up logs and traces")?
+    };
+    let result = load_and_serve(args, &runtime);
+    runtime.block_on(telemetry.shutdown(std::time::Duration::from_secs(5)));
+    result
+}
+
+fn load_and_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     if args.world_size == 0 || args.rank >= args.world_size {
         anyhow::bail!(
             "--rank {} must be below --world-size {}",
@@ -129,11 +162,6 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         info,
         urls,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     runtime.block_on(async move {
         let server = tonic::transport::Server::builder().add_service(
             TextGenerationServiceServer::new(service).max_decoding_message_size(64 << 20),
