@@ -131,6 +131,7 @@ impl Validation {
     }
 
     /// Checks `parameters`, tokenizes `inputs` and checks the lengths.
+    #[tracing::instrument(name = "validation", skip_all)]
     pub async fn validate(
         &self,
         inputs: String,
@@ -146,6 +147,7 @@ impl Validation {
 
     /// Like [`Validation::validate`] for a prompt given as token ids (OpenAI
     /// completions accept them), used as they are: no BOS is added.
+    #[tracing::instrument(name = "validation", skip_all)]
     pub async fn validate_ids(
         &self,
         ids: Vec<u32>,
@@ -237,6 +239,7 @@ impl Validation {
     }
 
     /// Renders a conversation with the model's chat template (on the blocking pool).
+    #[tracing::instrument(name = "chat_template", skip_all)]
     pub async fn apply_chat_template(
         &self,
         messages: Vec<ChatMessage>,
@@ -269,6 +272,7 @@ impl Validation {
     }
 
     /// Token ids of `inputs` (on the blocking pool); gives `inputs` back.
+    #[tracing::instrument(name = "tokenize", skip_all)]
     pub async fn tokenize(&self, inputs: String) -> Result<(String, Vec<u32>), ValidationError> {
         let encoder = self.encoder.clone();
         tokio::task::spawn_blocking(move || {

@@ -20,8 +20,25 @@ pub struct Entry {
     /// Where its tokens go; closed when the client went away.
     pub response: mpsc::UnboundedSender<Result<InferStreamResponse, InferError>>,
     pub queued: Instant,
-    /// The request's span, parent of the batch spans it takes part in.
+    /// The request's `infer` span: parent of its `queue` span, of the step
+    /// spans where it is the step's first request (linked from the others),
+    /// and of the shard ranks' per-request spans.
     pub span: Span,
+    /// The `queue` span, open until the request is admitted into a prefill.
+    pub queue_span: Span,
+    /// `span` as a W3C `traceparent`, sent to the shard ranks with every step;
+    /// `None` when traces are not exported.
+    pub traceparent: Option<String>,
+}
+
+impl Entry {
+    /// Ends the request with `error` (its client may be gone already) and
+    /// marks its span as failed.
+    pub fn fail(&self, error: InferError) {
+        self.span.record("otel.status_code", "ERROR");
+        self.span.record("error", tracing::field::display(&error));
+        let _ = self.response.send(Err(error));
+    }
 }
 
 mod blocks;
@@ -102,6 +119,8 @@ pub(crate) mod testing {
             response: tx,
             queued: Instant::now(),
             span: Span::none(),
+            queue_span: Span::none(),
+            traceparent: None,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tessera_proto as pb;
 use tokio::sync::{mpsc, watch};
-use tracing::{info_span, warn, Instrument};
+use tracing::{info_span, warn, Instrument, Span};
 
 use super::blocks::BlockAllocator;
 use super::policy::{admit, should_prefill, Need};
@@ -69,6 +69,28 @@ fn finish_reason(code: i32) -> Option<FinishReason> {
         pb::FinishReason::EosToken => Some(FinishReason::EosToken),
         pb::FinishReason::StopSequence => Some(FinishReason::StopSequence),
     }
+}
+
+/// The span of one step over `requests`, made by `make` as a child of the
+/// `infer` span of the step's oldest request (the lowest id), with a span link
+/// to every other request's `infer` span: the step and the shard calls below
+/// it belong to one request's trace and are reachable from the others'. (Each
+/// rank also records a span per request in that request's own trace: see
+/// `RequestTrace` in the contract.)
+fn step_span<'a>(
+    requests: impl Iterator<Item = (u64, &'a Entry)>,
+    make: impl FnOnce(&Span) -> Span,
+) -> Span {
+    let mut requests: Vec<(u64, &Entry)> = requests.collect();
+    requests.sort_unstable_by_key(|&(id, _)| id);
+    let Some(&(_, first)) = requests.first() else {
+        return Span::none();
+    };
+    let span = make(&first.span);
+    for (_, entry) in &requests[1..] {
+        span.follows_from(&entry.span);
+    }
+    span
 }
 
 impl BatchingTask {
@@ -179,13 +201,12 @@ impl BatchingTask {
         self.received += 1;
         self.received_blocks += blocks;
         if blocks > self.blocks.total() as u64 {
-            let _ = entry
-                .response
-                .send(Err(InferError::TooLarge { needed, capacity }));
+            entry.fail(InferError::TooLarge { needed, capacity });
             return;
         }
         let id = self.next_request_id;
         self.next_request_id += 1;
+        entry.span.record("request_id", id);
         self.waiting.push_back((id, entry));
     }
 
@@ -242,15 +263,22 @@ impl BatchingTask {
         let mut requests = Vec::with_capacity(count);
         let mut new = HashMap::with_capacity(count);
         let start = Instant::now();
-        for (id, entry) in self.waiting.drain(..count).collect::<Vec<_>>() {
+        let mut traces = Vec::new();
+        for (id, mut entry) in self.waiting.drain(..count).collect::<Vec<_>>() {
+            // Admitted: its wait in the queue ends here.
+            entry.queue_span = Span::none();
             let need = self.need(&entry);
             let Some(blocks) = self.blocks.allocate(need.blocks) else {
                 // admit() checked the free blocks; this cannot happen, but never lose a request.
-                let _ = entry
-                    .response
-                    .send(Err(InferError::Unavailable("no free KV blocks".into())));
+                entry.fail(InferError::Unavailable("no free KV blocks".into()));
                 continue;
             };
+            if let Some(traceparent) = &entry.traceparent {
+                traces.push(pb::RequestTrace {
+                    request_id: id,
+                    traceparent: traceparent.clone(),
+                });
+            }
             let r = &entry.request;
             let p = &r.parameters;
             requests.push(pb::Request {
@@ -288,21 +316,20 @@ impl BatchingTask {
                 },
             );
         }
-        let span = info_span!(
-            "prefill",
-            replica = self.replica,
-            batch_id,
-            size = requests.len()
+        let (replica, size) = (self.replica, requests.len());
+        let span = step_span(
+            new.iter().map(|(&id, a)| (id, &a.entry)),
+            |parent| info_span!(parent: parent, "prefill", replica, batch_id, size),
         );
-        for a in new.values() {
-            span.follows_from(&a.entry.span);
-        }
         let result = self
             .client
-            .prefill(pb::Batch {
-                id: batch_id,
-                requests,
-            })
+            .prefill(
+                pb::Batch {
+                    id: batch_id,
+                    requests,
+                },
+                traces,
+            )
             .instrument(span)
             .await;
         match result {
@@ -332,7 +359,7 @@ impl BatchingTask {
                 let error = self.shard_failed(&e);
                 for (_, active) in new {
                     self.blocks.release(active.blocks);
-                    let _ = active.entry.response.send(Err(error.clone()));
+                    active.entry.fail(error.clone());
                 }
                 let _ = self.client.clear_cache(Some(batch_id)).await;
             }
@@ -346,12 +373,27 @@ impl BatchingTask {
             return;
         }
         let batch_ids = std::mem::take(&mut self.running.batch_ids);
-        let span = info_span!(
-            "decode",
-            replica = self.replica,
-            size = self.running.requests.len()
+        let (replica, size) = (self.replica, self.running.requests.len());
+        let span = step_span(
+            self.running.requests.iter().map(|(&id, a)| (id, &a.entry)),
+            |parent| info_span!(parent: parent, "decode", replica, size),
         );
-        let result = self.client.decode(batch_ids.clone()).instrument(span).await;
+        let traces = self
+            .running
+            .requests
+            .iter()
+            .filter_map(|(&id, a)| {
+                a.entry.traceparent.as_ref().map(|t| pb::RequestTrace {
+                    request_id: id,
+                    traceparent: t.clone(),
+                })
+            })
+            .collect();
+        let result = self
+            .client
+            .decode(batch_ids.clone(), traces)
+            .instrument(span)
+            .await;
         self.steps_since_prefill = self.steps_since_prefill.saturating_add(1);
         match result {
             Ok(response) => {
@@ -392,7 +434,7 @@ impl BatchingTask {
     fn fail_running(&mut self, error: InferError) {
         for (_, active) in self.running.requests.drain() {
             self.blocks.release(active.blocks);
-            let _ = active.entry.response.send(Err(error.clone()));
+            active.entry.fail(error.clone());
         }
         self.running.batch_ids.clear();
     }
@@ -406,9 +448,9 @@ impl BatchingTask {
             }
             if let Some(active) = self.running.requests.remove(&id) {
                 self.blocks.release(active.blocks);
-                let _ = active.entry.response.send(Err(InferError::Generation(
-                    "the shard lost this request".into(),
-                )));
+                active
+                    .entry
+                    .fail(InferError::Generation("the shard lost this request".into()));
             }
         }
     }
@@ -438,6 +480,11 @@ impl BatchingTask {
                         continue;
                     };
                     let params = &active.entry.request.parameters;
+                    active
+                        .entry
+                        .span
+                        .record("generated_tokens", active.generated)
+                        .record("finish_reason", reason.as_tgi());
                     let generated_text = GeneratedText {
                         text: active.text,
                         generated_tokens: active.generated,

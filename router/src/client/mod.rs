@@ -6,8 +6,9 @@ mod connect;
 use futures::future::try_join_all;
 use tessera_proto as pb;
 use tessera_proto::text_generation_service_client::TextGenerationServiceClient;
+use tessera_telemetry::propagation;
 use tonic::transport::Channel;
-use tracing::instrument;
+use tracing::{info_span, instrument, Instrument};
 
 pub use connect::connect;
 
@@ -37,6 +38,20 @@ fn status(rank: usize) -> impl Fn(tonic::Status) -> ClientError {
             s.message().to_string()
         },
     }
+}
+
+/// `message` as a call whose `traceparent` metadata names `span`, the
+/// caller's span of this call (nothing is added when traces are not exported).
+fn traced<T>(message: T, span: &tracing::Span) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    propagation::inject_grpc(&propagation::context_of(span), request.metadata_mut());
+    request
+}
+
+/// The router's span of one call to one rank (`shard_rpc`); the rank's
+/// handler span is its child through the `traceparent` metadata.
+fn rpc_span(method: &'static str, rank: usize) -> tracing::Span {
+    info_span!("shard_rpc", otel.kind = "client", rpc.method = method, rank)
 }
 
 impl ShardClient {
@@ -81,27 +96,39 @@ impl ShardClient {
         &mut self,
         request: pb::WarmupRequest,
     ) -> Result<pb::WarmupResponse, ClientError> {
+        let span = rpc_span("Warmup", self.rank);
         Ok(self
             .inner
-            .warmup(request)
+            .warmup(traced(request, &span))
+            .instrument(span)
             .await
             .map_err(status(self.rank))?
             .into_inner())
     }
 
-    pub async fn prefill(&mut self, batch: pb::Batch) -> Result<pb::PrefillResponse, ClientError> {
+    pub async fn prefill(
+        &mut self,
+        request: pb::PrefillRequest,
+    ) -> Result<pb::PrefillResponse, ClientError> {
+        let span = rpc_span("Prefill", self.rank);
         Ok(self
             .inner
-            .prefill(pb::PrefillRequest { batch: Some(batch) })
+            .prefill(traced(request, &span))
+            .instrument(span)
             .await
             .map_err(status(self.rank))?
             .into_inner())
     }
 
-    pub async fn decode(&mut self, batch_ids: Vec<u64>) -> Result<pb::DecodeResponse, ClientError> {
+    pub async fn decode(
+        &mut self,
+        request: pb::DecodeRequest,
+    ) -> Result<pb::DecodeResponse, ClientError> {
+        let span = rpc_span("Decode", self.rank);
         Ok(self
             .inner
-            .decode(pb::DecodeRequest { batch_ids })
+            .decode(traced(request, &span))
+            .instrument(span)
             .await
             .map_err(status(self.rank))?
             .into_inner())
@@ -183,14 +210,28 @@ impl ShardedClient {
         first(try_join_all(self.ranks.iter_mut().map(|c| c.warmup(request))).await?)
     }
 
-    #[instrument(skip_all, fields(batch_id = batch.id, size = batch.requests.len()))]
-    pub async fn prefill(&mut self, batch: pb::Batch) -> Result<pb::PrefillResponse, ClientError> {
-        first(try_join_all(self.ranks.iter_mut().map(|c| c.prefill(batch.clone()))).await?)
+    /// Prefills `batch` on every rank; `traces` are the requests' trace
+    /// contexts (empty when traces are not exported).
+    pub async fn prefill(
+        &mut self,
+        batch: pb::Batch,
+        traces: Vec<pb::RequestTrace>,
+    ) -> Result<pb::PrefillResponse, ClientError> {
+        let request = pb::PrefillRequest {
+            batch: Some(batch),
+            traces,
+        };
+        first(try_join_all(self.ranks.iter_mut().map(|c| c.prefill(request.clone()))).await?)
     }
 
-    #[instrument(skip_all, fields(batches = batch_ids.len()))]
-    pub async fn decode(&mut self, batch_ids: Vec<u64>) -> Result<pb::DecodeResponse, ClientError> {
-        first(try_join_all(self.ranks.iter_mut().map(|c| c.decode(batch_ids.clone()))).await?)
+    /// One decode step of `batch_ids` on every rank; `traces` as for prefill.
+    pub async fn decode(
+        &mut self,
+        batch_ids: Vec<u64>,
+        traces: Vec<pb::RequestTrace>,
+    ) -> Result<pb::DecodeResponse, ClientError> {
+        let request = pb::DecodeRequest { batch_ids, traces };
+        first(try_join_all(self.ranks.iter_mut().map(|c| c.decode(request.clone()))).await?)
     }
 
     pub async fn filter_batch(

@@ -14,6 +14,7 @@ mod request_metrics;
 pub mod sse;
 pub mod stop;
 pub mod tgi;
+mod trace;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -66,6 +67,8 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             auth::require_api_key,
         ))
+        // Outermost: refused requests are traced too.
+        .layer(axum::middleware::from_fn(trace::trace_request))
         .with_state(state)
 }
 

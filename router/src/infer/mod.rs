@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
+use tessera_telemetry::propagation;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::info_span;
 
@@ -94,13 +95,28 @@ impl Infer {
             .try_acquire_owned()
             .map_err(|_| InferError::Overloaded(self.max_concurrent_requests))?;
         let (tx, rx) = mpsc::unbounded_channel();
-        // The batch spans follow from this one; `replica` is filled in once chosen.
-        let span = info_span!("queued", replica = tracing::field::Empty);
+        // The request's life in the batcher, from the queue to its last token;
+        // `replica` and `request_id` are filled in once known.
+        let span = info_span!(
+            "infer",
+            replica = tracing::field::Empty,
+            request_id = tracing::field::Empty,
+            input_tokens = request.input_ids.len(),
+            max_new_tokens = request.stopping.max_new_tokens,
+            generated_tokens = tracing::field::Empty,
+            finish_reason = tracing::field::Empty,
+            error = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let queue_span = info_span!(parent: &span, "queue");
+        let traceparent = propagation::traceparent(&propagation::context_of(&span));
         let entry = Entry {
             request,
             response: tx,
             queued: Instant::now(),
             span: span.clone(),
+            queue_span,
+            traceparent,
         };
         let replica = self.replicas.dispatch(entry)?;
         span.record("replica", replica);

@@ -3,9 +3,10 @@
 
 use tessera_proto as pb;
 use tessera_proto::text_generation_service_server::TextGenerationService;
+use tessera_telemetry::propagation;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
-use tracing::instrument;
+use tracing::{info_span, Instrument, Span};
 
 use crate::error::EngineError;
 
@@ -27,6 +28,37 @@ fn engine_status(e: EngineError) -> Status {
         EngineError::KvCache(_) => Status::resource_exhausted(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
+}
+
+/// A handler's span, continuing the router's `shard_rpc` span named in the
+/// call's `traceparent` metadata.
+fn handler_span<T>(span: Span, request: &Request<T>) -> Span {
+    propagation::set_remote_parent(&span, propagation::extract_grpc(request.metadata()));
+    span
+}
+
+/// One span per traced request of a step (`request_prefill` or
+/// `request_decode`, made by `make`), each in that request's own trace (its
+/// parent is the router's `infer` span of the request) and linked to this
+/// rank's handler span `step`. They end when dropped, after the step.
+fn request_spans(
+    traces: &[pb::RequestTrace],
+    step: &Span,
+    make: impl Fn(u64) -> Span,
+) -> Vec<Span> {
+    if traces.is_empty() {
+        return Vec::new();
+    }
+    let step = propagation::context_of(step);
+    traces
+        .iter()
+        .map(|t| {
+            let span = make(t.request_id);
+            propagation::set_remote_parent(&span, propagation::from_traceparent(&t.traceparent));
+            propagation::link(&span, &step);
+            span
+        })
+        .collect()
 }
 
 impl ShardService {
@@ -86,18 +118,25 @@ impl TextGenerationService for ShardService {
         }))
     }
 
-    #[instrument(skip_all)]
     async fn warmup(
         &self,
         request: Request<pb::WarmupRequest>,
     ) -> Result<Response<pb::WarmupResponse>, Status> {
+        let rank = self.info.rank;
+        let span = handler_span(
+            info_span!("shard_warmup", otel.kind = "server", rank),
+            &request,
+        );
         let r = request.into_inner();
+        let step = span.clone();
         let capacity = self
             .call(|reply| Command::Warmup {
                 max_prefill_tokens: r.max_prefill_tokens,
                 max_batch_size: r.max_batch_size,
+                span: step,
                 reply,
             })
+            .instrument(span)
             .await?
             .map_err(engine_status)?;
         Ok(Response::new(pb::WarmupResponse {
@@ -107,27 +146,48 @@ impl TextGenerationService for ShardService {
         }))
     }
 
-    #[instrument(skip_all)]
     async fn prefill(
         &self,
         request: Request<pb::PrefillRequest>,
     ) -> Result<Response<pb::PrefillResponse>, Status> {
-        let batch = request
-            .into_inner()
+        let rank = self.info.rank;
+        let span = handler_span(
+            info_span!(
+                "shard_prefill",
+                otel.kind = "server",
+                rank,
+                batch_id = tracing::field::Empty,
+                size = tracing::field::Empty
+            ),
+            &request,
+        );
+        let message = request.into_inner();
+        let batch = message
             .batch
             .ok_or_else(|| Status::invalid_argument("prefill without a batch"))?;
+        let batch_id = batch.id;
+        span.record("batch_id", batch_id)
+            .record("size", batch.requests.len());
+        let _requests = request_spans(
+            &message.traces,
+            &span,
+            |request_id| info_span!(parent: None, "request_prefill", rank, request_id, batch_id),
+        );
         let eos = &self.info.eos_token_ids;
         let requests = batch
             .requests
             .into_iter()
             .map(|r| convert::request(r, eos))
             .collect();
+        let step = span.clone();
         let out = self
             .call(|reply| Command::Prefill {
-                batch_id: batch.id,
+                batch_id,
                 requests,
+                span: step,
                 reply,
             })
+            .instrument(span)
             .await?
             .map_err(engine_status)?;
         let (generations, batch, timings) = Self::step_response(out);
@@ -138,14 +198,35 @@ impl TextGenerationService for ShardService {
         }))
     }
 
-    #[instrument(skip_all)]
     async fn decode(
         &self,
         request: Request<pb::DecodeRequest>,
     ) -> Result<Response<pb::DecodeResponse>, Status> {
-        let batch_ids = request.into_inner().batch_ids;
+        let rank = self.info.rank;
+        let span = handler_span(
+            info_span!(
+                "shard_decode",
+                otel.kind = "server",
+                rank,
+                batches = tracing::field::Empty
+            ),
+            &request,
+        );
+        let message = request.into_inner();
+        span.record("batches", message.batch_ids.len());
+        let _requests = request_spans(
+            &message.traces,
+            &span,
+            |request_id| info_span!(parent: None, "request_decode", rank, request_id),
+        );
+        let step = span.clone();
         let out = self
-            .call(|reply| Command::Decode { batch_ids, reply })
+            .call(|reply| Command::Decode {
+                batch_ids: message.batch_ids,
+                span: step,
+                reply,
+            })
+            .instrument(span)
             .await?
             .map_err(engine_status)?;
         let (generations, batch, timings) = Self::step_response(out);

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info_span, warn};
+use tracing::{info_span, warn, Span};
 
 use crate::engine::{Batch, Engine, GenerateRequest, Generation};
 use crate::error::{EngineError, Result};
@@ -34,14 +34,18 @@ pub struct Capacity {
     pub block_size: u32,
 }
 
+/// A command for the engine thread. `span` (on steps and warmup) is the
+/// gRPC handler's span: the engine thread's span of the command is its child.
 pub enum Command {
     Prefill {
         batch_id: u64,
         requests: Vec<GenerateRequest>,
+        span: Span,
         reply: oneshot::Sender<Result<StepOutput>>,
     },
     Decode {
         batch_ids: Vec<u64>,
+        span: Span,
         reply: oneshot::Sender<Result<StepOutput>>,
     },
     Filter {
@@ -56,6 +60,7 @@ pub enum Command {
     Warmup {
         max_prefill_tokens: u32,
         max_batch_size: u32,
+        span: Span,
         reply: oneshot::Sender<Result<Capacity>>,
     },
     Health {
@@ -76,13 +81,25 @@ pub fn run(mut engine: Engine, mut commands: mpsc::Receiver<Command>) {
             Command::Prefill {
                 batch_id,
                 requests,
+                span,
                 reply,
             } => {
-                let _span = info_span!("prefill", batch_id, requests = requests.len()).entered();
+                let _span = info_span!(
+                    parent: &span,
+                    "worker_prefill",
+                    batch_id,
+                    requests = requests.len()
+                )
+                .entered();
                 let _ = reply.send(worker.prefill(&mut engine, batch_id, requests));
             }
-            Command::Decode { batch_ids, reply } => {
-                let _span = info_span!("decode", batches = batch_ids.len()).entered();
+            Command::Decode {
+                batch_ids,
+                span,
+                reply,
+            } => {
+                let _span =
+                    info_span!(parent: &span, "worker_decode", batches = batch_ids.len()).entered();
                 let _ = reply.send(worker.decode(&mut engine, &batch_ids));
             }
             Command::Filter {
@@ -104,9 +121,16 @@ pub fn run(mut engine: Engine, mut commands: mpsc::Receiver<Command>) {
             Command::Warmup {
                 max_prefill_tokens,
                 max_batch_size,
+                span,
                 reply,
             } => {
-                let _span = info_span!("warmup", max_prefill_tokens, max_batch_size).entered();
+                let _span = info_span!(
+                    parent: &span,
+                    "worker_warmup",
+                    max_prefill_tokens,
+                    max_batch_size
+                )
+                .entered();
                 let _ = reply.send(warmup(&mut engine, max_prefill_tokens, max_batch_size));
             }
             Command::Health { reply } => {
