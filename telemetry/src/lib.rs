@@ -66,7 +66,7 @@ impl TelemetryConfig {
     }
 }
 
-/// Where spans go: `None` when they are not exported.
+/// Whether and where spans are exported.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Export {
     /// Not exported.

@@ -209,6 +209,8 @@ mod tests {
             // Wrong lengths and version ff.
             "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            // Uppercase hex.
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
         ] {
             assert!(
                 span_context(&extract_http(&header(bad))).is_none(),
