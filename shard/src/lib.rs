@@ -16,6 +16,7 @@ pub mod model;
 pub mod model_files;
 pub mod parallel;
 pub mod partition;
+pub mod quant_matmul;
 pub mod sampling;
 pub mod server;
 pub mod stopping;

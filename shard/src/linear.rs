@@ -12,9 +12,15 @@ use half::f16;
 use tch::{Kind, Tensor};
 
 use crate::error::{EngineError, Result};
+use crate::quant_matmul::{self, QuantWeight};
 
 /// Steps of up to this many token rows use the compressed weights.
 pub const SMALL_BATCH_ROWS: i64 = 8;
+
+/// Steps of up to this many rows use the output head's integer (VNNI) copy, with f32
+/// logits; larger ones the dense weight, which libtorch multiplies faster from about 32
+/// rows on (measured on this project's CPU machine, see the README).
+pub const QUANT_HEAD_ROWS: i64 = 16;
 
 /// Elements per int4 group (Q4_0/Q4_1 blocks hold 32).
 pub const INT4_GROUP: usize = 32;
@@ -149,6 +155,9 @@ impl Int4Codes {
 }
 
 enum Compressed {
+    /// 8-bit codes per block of 32, multiplied in integers with f32 sums (AVX-512 VNNI,
+    /// see `quant_matmul`); used up to [`QUANT_HEAD_ROWS`] rows.
+    Quant(QuantWeight),
     Int4 {
         packed: Tensor,
         scales_zeros: Tensor,
@@ -196,9 +205,15 @@ impl Linear {
         Ok(self)
     }
 
-    /// Adds an int8 copy with one scale per output row (CPU only). Quantizes a band of
-    /// rows at a time so that no full-size f32 copy of the weight is ever made.
+    /// Adds an int8 copy (CPU only; for the output head): with AVX-512 VNNI, 8-bit codes
+    /// per block of 32 for `quant_matmul`, whose f32 results keep the logits precise;
+    /// otherwise one scale per output row for libtorch's `_weight_int8pack_mm`. Quantizes
+    /// a band of rows at a time so that no full-size f32 copy of the weight is ever made.
     pub fn with_int8(mut self) -> Result<Self> {
+        if quant_matmul::available() {
+            self.compressed = Some(Compressed::Quant(QuantWeight::from_dense_q8(&self.dense)?));
+            return Ok(self);
+        }
         let rows = self.dense.size().first().copied().unwrap_or(0);
         let band = 4096;
         let mut weights = Vec::new();
@@ -222,9 +237,20 @@ impl Linear {
         Ok(self)
     }
 
+    /// `forward` with an f32 result; the integer kernel produces f32 sums, which keeps
+    /// logits more precise than a bf16 result would.
+    pub fn forward_f32(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.size().first().copied().unwrap_or(0);
+        match &self.compressed {
+            Some(Compressed::Quant(weight)) if rows <= QUANT_HEAD_ROWS => weight.matmul_f32(x),
+            _ => Ok(self.forward(x)?.f_to_kind(Kind::Float)?),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.size().first().copied().unwrap_or(0);
         match &self.compressed {
+            Some(Compressed::Quant(weight)) if rows <= QUANT_HEAD_ROWS => weight.matmul(x),
             Some(Compressed::Int4 {
                 packed,
                 scales_zeros,

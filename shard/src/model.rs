@@ -293,7 +293,7 @@ impl Llama {
         }
         let last = hidden.f_index_select(0, &input.last_index)?;
         let last = self.rms_norm(&last, &self.norm)?;
-        let logits = self.lm_head.forward(&last)?;
+        let logits = self.lm_head.forward_f32(&last)?;
         Ok(self.gather_vocab(logits)?.f_to_kind(Kind::Float)?)
     }
 

@@ -42,6 +42,27 @@ fn generate_continues_the_france_prompt_greedily() {
     assert!(text.starts_with(" Paris."), "{text:?}");
 }
 
+/// The first token of this chat answer is a near tie in f32 ("The" -1.88, "L" -1.97):
+/// logits rounded to bf16 tied them and the answer went astray ("L'Étoile, la
+/// Marseillaise, ..."). The output head now sums in f32 whatever the dtype.
+#[test]
+fn bfloat16_chat_answers_the_france_question() {
+    for dtype in ["bfloat16", "float16"] {
+        let out = tessera()
+            .args(["generate", "--chat", "What is the capital of France?"])
+            .args(["--dtype", dtype, "--max-new-tokens", "12"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.contains("Paris"), "{dtype}: {text:?}");
+    }
+}
+
 #[test]
 fn chat_generation_uses_the_template_and_stops_at_eos() {
     let out = tessera()

@@ -1,0 +1,647 @@
+//! The output head on the CPU as 8-bit blocks, multiplied in integers with f32 results.
+//!
+//! The output head is the model's largest matrix (vocabulary × hidden) and the last
+//! product of every step. This module keeps it as blocks of [`BLOCK`] unsigned 8-bit
+//! codes with a scale and an offset per block (`w = scale * code + offset`, the offset
+//! being `-128 * scale`: symmetric int8 per block). The activations of the step are
+//! quantized to signed 8 bits per block of 32 (one scale per block), and each block's
+//! dot product is summed in 32-bit integers with AVX-512 VNNI (`vpdpbusd`: 64 byte
+//! products per instruction) before its two scales are applied:
+//!
+//! `y[b, r] = Σ_k scale[r,k] · xscale[b,k] · Σ_i code[r,k,i] · xq[b,k,i] + Σ_k offset[r,k] · xscale[b,k] · Σ_i xq[b,k,i]`
+//!
+//! (the scheme of llama.cpp's Q8_0 × Q8_0 dot products). The sums stay f32 to the end,
+//! so in bf16 the logits keep the precision that bf16 outputs would lose: logits near 20
+//! round to steps of 0.125 in bf16, enough to tie or swap the two best tokens of an
+//! uncertain step. Every output element is computed the same way whatever the batch, so
+//! results do not depend on which other sequences share the step. Rows are spread over
+//! libtorch's threads (see `parallel`).
+//!
+//! [`available`] says whether this processor has the instructions; without them the
+//! engine keeps libtorch's int8 kernel.
+
+use half::{bf16, f16};
+use tch::{Kind, Tensor};
+
+use crate::error::{EngineError, Result};
+use crate::parallel;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+/// Elements per quantization block, of weights and of activations alike.
+pub const BLOCK: usize = 32;
+
+/// Whether the integer kernel runs on this processor (AVX-512 with VNNI).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A `[rows, cols]` weight as quantized blocks along each row.
+pub struct QuantWeight {
+    rows: usize,
+    cols: usize,
+    /// Blocks per row, padded to an even count (the padding has zero scale and offset).
+    blocks: usize,
+    /// `rows * blocks * BLOCK` codes.
+    codes: Vec<u8>,
+    /// `rows * blocks` scales and offsets, in half precision to keep the bytes streamed
+    /// per step down.
+    scales: Vec<f16>,
+    offsets: Vec<f16>,
+}
+
+fn padded_blocks(cols: usize) -> usize {
+    cols.div_ceil(BLOCK).next_multiple_of(2)
+}
+
+fn quantize_error(message: String) -> EngineError {
+    EngineError::Quantize(message)
+}
+
+impl QuantWeight {
+    /// Quantizes a dense `[rows, cols]` weight to 8-bit codes, one scale per block of
+    /// 32 (`w ≈ scale * (code - 128)`, codes 1..=255), reading a band of rows at a time
+    /// so that no full-size f32 copy is made.
+    pub fn from_dense_q8(weight: &Tensor) -> Result<Self> {
+        let &[rows, cols] = &weight.size()[..] else {
+            return Err(quantize_error(format!(
+                "expected a 2-D weight, got {:?}",
+                weight.size()
+            )));
+        };
+        let (rows, cols) = (rows as usize, cols as usize);
+        let blocks = padded_blocks(cols);
+        let bytes = BLOCK;
+        let mut codes = vec![128u8; rows * blocks * bytes];
+        let mut scales = vec![f16::ZERO; rows * blocks];
+        let mut offsets = vec![f16::ZERO; rows * blocks];
+        let band = 2048;
+        let mut start = 0;
+        while start < rows {
+            let len = band.min(rows - start);
+            let values = Vec::<f32>::try_from(
+                weight
+                    .f_narrow(0, start as i64, len as i64)?
+                    .f_to_kind(Kind::Float)?
+                    .f_contiguous()?
+                    .f_flatten(0, -1)?,
+            )?;
+            for i in 0..len {
+                let r = start + i;
+                let row = &values[i * cols..(i + 1) * cols];
+                for (k, chunk) in row.chunks(BLOCK).enumerate() {
+                    let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    if amax == 0.0 || !amax.is_finite() {
+                        continue;
+                    }
+                    // The scale as stored (half precision), so that codes match it.
+                    let scale = f16::from_f32(amax / 127.0);
+                    let s = scale.to_f32();
+                    if s == 0.0 {
+                        continue;
+                    }
+                    let dst = &mut codes[(r * blocks + k) * bytes..];
+                    for (j, v) in chunk.iter().enumerate() {
+                        dst[j] = ((v / s).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
+                    }
+                    scales[r * blocks + k] = scale;
+                    offsets[r * blocks + k] = f16::from_f32(-128.0 * s);
+                }
+            }
+            start += len;
+        }
+        Ok(Self {
+            rows,
+            cols,
+            blocks,
+            codes,
+            scales,
+            offsets,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The code of row `r`, column `c`.
+    fn code(&self, r: usize, c: usize) -> u8 {
+        self.codes[(r * self.blocks + c / BLOCK) * BLOCK + c % BLOCK]
+    }
+
+    /// The weight as it is represented, `[rows, cols]` f32 (for tests and checks).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for r in 0..self.rows {
+            for c in 0..self.cols {
+                let k = r * self.blocks + c / BLOCK;
+                out.push(
+                    self.scales[k].to_f32() * self.code(r, c) as f32 + self.offsets[k].to_f32(),
+                );
+            }
+        }
+        out
+    }
+
+    /// `x @ selfᵀ` for `x` of `[batch, cols]` (f32, bf16 or f16 on the CPU); the result is
+    /// `[batch, rows]` in `x`'s kind.
+    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        self.matmul_with(x, Implementation::Best, None)
+    }
+
+    /// Like [`matmul`](Self::matmul), but the result is f32 whatever `x`'s kind: the sums
+    /// are f32 anyway, and rounding them to bf16 would cost logits their precision.
+    pub fn matmul_f32(&self, x: &Tensor) -> Result<Tensor> {
+        self.matmul_with(x, Implementation::Best, Some(Kind::Float))
+    }
+
+    fn matmul_with(
+        &self,
+        x: &Tensor,
+        implementation: Implementation,
+        out_kind: Option<Kind>,
+    ) -> Result<Tensor> {
+        let &[batch, cols] = &x.size()[..] else {
+            return Err(quantize_error(format!("input {:?} must be 2-D", x.size())));
+        };
+        if cols as usize != self.cols || x.device() != tch::Device::Cpu {
+            return Err(quantize_error(format!(
+                "input {:?} on {:?} does not match a CPU weight of {} columns",
+                x.size(),
+                x.device(),
+                self.cols
+            )));
+        }
+        let batch = batch as usize;
+        let x = x.f_contiguous()?;
+        let out_kind = out_kind.unwrap_or(x.kind());
+        let out = Tensor::f_empty(
+            [batch as i64, self.rows as i64],
+            (out_kind, tch::Device::Cpu),
+        )?;
+        let simd = implementation == Implementation::Best && available();
+        let acts = match x.kind() {
+            Kind::BFloat16 => Activations::quantize(slice_of::<bf16>(&x)?, batch, self, simd),
+            Kind::Half => Activations::quantize(slice_of::<f16>(&x)?, batch, self, simd),
+            Kind::Float => Activations::quantize(slice_of::<f32>(&x)?, batch, self, simd),
+            other => {
+                return Err(quantize_error(format!(
+                    "unsupported activation kind {other:?}"
+                )))
+            }
+        };
+        match out_kind {
+            Kind::BFloat16 => self.run::<bf16>(&acts, &out, simd)?,
+            Kind::Half => self.run::<f16>(&acts, &out, simd)?,
+            _ => self.run::<f32>(&acts, &out, simd)?,
+        }
+        Ok(out)
+    }
+
+    /// Computes the product into `out` (`[batch, rows]`, contiguous, of `T`).
+    fn run<T: Element>(&self, acts: &Activations, out: &Tensor, simd: bool) -> Result<()> {
+        let batch = acts.batch;
+        let len = batch * self.rows;
+        let ptr = out.data_ptr() as *mut T;
+        if out.numel() != len
+            || (len > 0
+                && (ptr.is_null() || !(ptr as usize).is_multiple_of(std::mem::align_of::<T>())))
+        {
+            return Err(quantize_error("output storage is not addressable".into()));
+        }
+        let sink = Sink { ptr, len };
+        let threads = tch::get_num_threads().max(1) as usize;
+        let chunk = self.rows.div_ceil(threads * 4).next_multiple_of(8).max(8);
+        let tasks = self.rows.div_ceil(chunk);
+        let rows = self.rows;
+        parallel::for_each(tasks, &|t| {
+            let span = t * chunk..((t + 1) * chunk).min(rows);
+            if simd {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `available()` checked the instructions; the weight, the
+                // activations and `sink` (`batch * rows` elements) agree in shape.
+                unsafe {
+                    avx512::rows(self, acts, span.clone(), &sink)
+                };
+            } else {
+                portable_rows(self, acts, span, &sink);
+            }
+        })
+        .map_err(|e| quantize_error(e.to_string()))
+    }
+}
+
+/// Which implementation computes the rows.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Implementation {
+    /// AVX-512 VNNI where available, else portable.
+    Best,
+    /// The portable loop only (tests compare the two).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Portable,
+}
+
+/// The activations of one product, quantized per block of 32.
+struct Activations {
+    batch: usize,
+    /// `batch * blocks * BLOCK` codes (zero in the padding).
+    codes: Vec<i8>,
+    /// `batch * blocks`: each block's scale, and its scale times the sum of its codes.
+    scales: Vec<f32>,
+    sums: Vec<f32>,
+    /// `batch * blocks * 8`: each pair of blocks' scales spread over 16 lanes
+    /// (`[s_k; 8], [s_k+1; 8]`), as the vector kernel applies them.
+    lane_scales: Vec<f32>,
+}
+
+/// An activation and output element type.
+trait Element: Copy + Send + Sync {
+    fn widen(self) -> f32;
+    fn narrow(value: f32) -> Self;
+}
+
+impl Element for f32 {
+    fn widen(self) -> f32 {
+        self
+    }
+    fn narrow(value: f32) -> Self {
+        value
+    }
+}
+
+impl Element for bf16 {
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    fn narrow(value: f32) -> Self {
+        bf16::from_f32(value)
+    }
+}
+
+impl Element for f16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    fn narrow(value: f32) -> Self {
+        f16::from_f32(value)
+    }
+}
+
+impl Activations {
+    fn quantize<T: Element>(x: &[T], batch: usize, weight: &QuantWeight, simd: bool) -> Self {
+        let (cols, blocks) = (weight.cols, weight.blocks);
+        let mut acts = Self {
+            batch,
+            codes: vec![0; batch * blocks * BLOCK],
+            scales: vec![0.0; batch * blocks],
+            sums: vec![0.0; batch * blocks],
+            lane_scales: vec![0.0; batch * blocks * 8],
+        };
+        let mut row = [0f32; BLOCK];
+        for b in 0..batch {
+            for k in 0..cols.div_ceil(BLOCK) {
+                let start = b * cols + k * BLOCK;
+                let end = (start + BLOCK).min((b + 1) * cols);
+                row.fill(0.0);
+                for (dst, src) in row.iter_mut().zip(&x[start..end]) {
+                    *dst = src.widen();
+                }
+                let at = (b * blocks + k) * BLOCK;
+                let dst = &mut acts.codes[at..at + BLOCK];
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `simd` is only set where `available()` holds.
+                let (scale, sum) = if simd {
+                    unsafe { avx512::quantize_block(&row, dst) }
+                } else {
+                    quantize_block(&row, dst)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let (scale, sum) = quantize_block(&row, dst);
+                acts.scales[b * blocks + k] = scale;
+                acts.sums[b * blocks + k] = scale * sum as f32;
+                let pair = (b * blocks + k - k % 2) * 8;
+                let lanes = if k % 2 == 0 {
+                    pair..pair + 8
+                } else {
+                    pair + 8..pair + 16
+                };
+                acts.lane_scales[lanes].fill(scale);
+            }
+        }
+        acts
+    }
+}
+
+/// Quantizes 32 values to signed 8-bit codes with one scale (the largest magnitude maps
+/// to ±127, rounding half to even); returns the scale and the sum of the codes. A block
+/// of zeros, or one with an infinite or NaN value, gets scale 0 and zero codes.
+fn quantize_block(row: &[f32; BLOCK], dst: &mut [i8]) -> (f32, i32) {
+    let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if !(amax > 0.0 && amax.is_finite()) || row.iter().any(|v| v.is_nan()) {
+        dst.fill(0);
+        return (0.0, 0);
+    }
+    let inv = 127.0 / amax;
+    let mut sum = 0i32;
+    for (d, v) in dst.iter_mut().zip(row) {
+        let q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i32;
+        *d = q as i8;
+        sum += q;
+    }
+    (amax / 127.0, sum)
+}
+
+/// The scalar loop: the same sums as the vector kernel, element by element.
+fn portable_rows<T: Element>(
+    w: &QuantWeight,
+    acts: &Activations,
+    rows: std::ops::Range<usize>,
+    out: &Sink<T>,
+) {
+    for r in rows {
+        for b in 0..acts.batch {
+            let mut total = 0f32;
+            for k in 0..w.blocks {
+                let mut dot = 0i32;
+                for j in 0..BLOCK {
+                    let c = k * BLOCK + j;
+                    let code = if c < w.cols { w.code(r, c) as i32 } else { 0 };
+                    dot += code * acts.codes[(b * w.blocks + k) * BLOCK + j] as i32;
+                }
+                let i = r * w.blocks + k;
+                total += w.scales[i].to_f32() * acts.scales[b * w.blocks + k] * dot as f32
+                    + w.offsets[i].to_f32() * acts.sums[b * w.blocks + k];
+            }
+            out.put(b * w.rows + r, total);
+        }
+    }
+}
+
+/// The output, `[batch, rows]`, written by several threads at disjoint elements.
+struct Sink<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+// SAFETY: the tasks of one product write disjoint elements (each its own rows of the
+// weight, i.e. its own columns of the output), and nothing reads them meanwhile.
+unsafe impl<T: Send> Sync for Sink<T> {}
+
+impl<T: Element> Sink<T> {
+    /// Stores `value` at element `i` (ignored out of bounds).
+    fn put(&self, i: usize, value: f32) {
+        if i < self.len {
+            // SAFETY: `i` is in bounds of the output tensor's storage, which outlives the
+            // product, and no other task writes element `i` (see the `Sync` impl).
+            unsafe { self.ptr.add(i).write(T::narrow(value)) }
+        }
+    }
+}
+
+/// Borrows a contiguous CPU tensor as a slice of `T` (whose kind the caller checked).
+fn slice_of<T>(t: &Tensor) -> Result<&[T]> {
+    let len = t.numel();
+    if len == 0 {
+        return Ok(&[]);
+    }
+    let ptr = t.data_ptr() as *const T;
+    if ptr.is_null() || !(ptr as usize).is_multiple_of(std::mem::align_of::<T>()) {
+        return Err(quantize_error(
+            "activation storage is not addressable".into(),
+        ));
+    }
+    // SAFETY: the tensor is contiguous and on the CPU, its elements are `T` (the caller
+    // matched its kind), and the borrow of `t` keeps the storage alive.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic pseudo-random sequence in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn weight(rows: usize, cols: usize, seed: u64) -> (QuantWeight, Vec<f32>) {
+        let dense = values(rows * cols, seed);
+        let t = Tensor::from_slice(&dense).view([rows as i64, cols as i64]);
+        (QuantWeight::from_dense_q8(&t).unwrap(), dense)
+    }
+
+    fn dense_product(w: &[f32], x: &[f32], rows: usize, cols: usize, batch: usize) -> Vec<f32> {
+        let mut y = vec![0f32; batch * rows];
+        for b in 0..batch {
+            for r in 0..rows {
+                y[b * rows + r] = (0..cols).map(|c| w[r * cols + c] * x[b * cols + c]).sum();
+            }
+        }
+        y
+    }
+
+    fn run(
+        w: &QuantWeight,
+        x: &[f32],
+        batch: usize,
+        kind: Kind,
+        imp: Implementation,
+        out: Option<Kind>,
+    ) -> Vec<f32> {
+        let t = Tensor::from_slice(x)
+            .view([batch as i64, w.cols() as i64])
+            .to_kind(kind);
+        let y = w.matmul_with(&t, imp, out).unwrap();
+        assert_eq!(y.kind(), out.unwrap_or(kind));
+        Vec::<f32>::try_from(y.to_kind(Kind::Float).flatten(0, -1)).unwrap()
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], tolerance: f32) {
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= tolerance * scale,
+                "element {i}: {g} vs {w} (scale {scale})"
+            );
+        }
+    }
+
+    #[test]
+    fn quantization_is_close_to_the_dense_weight() {
+        let (w, dense) = weight(5, 96, 4);
+        assert_close(&w.dequantize(), &dense, 1.0 / 127.0);
+        // An all-zero block stays exactly zero.
+        let zeros = Tensor::zeros([2, 32], (Kind::Float, tch::Device::Cpu));
+        let zero = QuantWeight::from_dense_q8(&zeros).unwrap();
+        assert!(zero.dequantize().iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn products_match_the_dense_product_in_both_implementations() {
+        // 3 blocks (padded to 4), 5 blocks of which the last is partial, 18 blocks.
+        for (rows, cols) in [(40, 96), (17, 150), (65, 576)] {
+            let (w, dense) = weight(rows, cols, rows as u64);
+            for batch in [1, 2, 3, 5, 8, 13] {
+                let x = values(batch * cols, batch as u64 + 7);
+                let want = dense_product(&dense, &x, rows, cols, batch);
+                let portable = run(&w, &x, batch, Kind::Float, Implementation::Portable, None);
+                // int8 weights and activations: about 1% of the largest output.
+                assert_close(&portable, &want, 0.02);
+                let best = run(&w, &x, batch, Kind::Float, Implementation::Best, None);
+                assert_close(&best, &portable, 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn reduced_precision_inputs_and_f32_outputs() {
+        let (rows, cols, batch) = (33, 160, 5);
+        let (w, dense) = weight(rows, cols, 9);
+        let x = values(batch * cols, 10);
+        let want = dense_product(&dense, &x, rows, cols, batch);
+        for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+            let same = run(&w, &x, batch, kind, Implementation::Best, None);
+            assert_close(&same, &want, 0.03);
+            let wide = run(&w, &x, batch, kind, Implementation::Best, Some(Kind::Float));
+            assert_close(&wide, &want, 0.03);
+        }
+    }
+
+    #[test]
+    fn f32_results_keep_what_bf16_rounds_away() {
+        // Two rows whose products differ by less than bf16's step near 20.
+        let cols = 64;
+        let mut dense = vec![20.0 / cols as f32; 2 * cols];
+        dense[cols] += 0.03 / cols as f32;
+        let w =
+            QuantWeight::from_dense_q8(&Tensor::from_slice(&dense).view([2, cols as i64])).unwrap();
+        let x = vec![1f32; cols];
+        let wide = run(
+            &w,
+            &x,
+            1,
+            Kind::BFloat16,
+            Implementation::Best,
+            Some(Kind::Float),
+        );
+        assert!(wide[1] > wide[0], "{wide:?}");
+        let narrow = run(&w, &x, 1, Kind::BFloat16, Implementation::Best, None);
+        assert_eq!(narrow[0], narrow[1]);
+    }
+
+    #[test]
+    fn each_row_is_independent_of_the_batch() {
+        let (w, _) = weight(48, 128, 3);
+        let x = values(9 * 128, 11);
+        let all = run(&w, &x, 9, Kind::Float, Implementation::Best, None);
+        for b in 0..9 {
+            let alone = &x[b * 128..(b + 1) * 128];
+            let one = run(&w, alone, 1, Kind::Float, Implementation::Best, None);
+            assert_eq!(one, all[b * 48..(b + 1) * 48]);
+        }
+    }
+
+    #[test]
+    fn vector_and_scalar_activation_codes_agree() {
+        let mut row = [0f32; BLOCK];
+        for seed in 0..50u64 {
+            row.copy_from_slice(&values(BLOCK, seed));
+            // Values that land exactly on a half step, to check the rounding mode.
+            row[3] = row.iter().fold(0f32, |m, v| m.max(v.abs())) * (2.5 / 127.0);
+            let (mut a, mut b) = ([0i8; BLOCK], [0i8; BLOCK]);
+            let scalar = quantize_block(&row, &mut a);
+            #[cfg(target_arch = "x86_64")]
+            if available() {
+                // SAFETY: `available()` holds.
+                let vector = unsafe { avx512::quantize_block(&row, &mut b) };
+                assert_eq!(scalar, vector);
+                assert_eq!(a, b);
+            }
+        }
+        let (mut a, nan) = ([1i8; BLOCK], [f32::NAN; BLOCK]);
+        assert_eq!(quantize_block(&nan, &mut a), (0.0, 0));
+        assert_eq!(a, [0i8; BLOCK]);
+    }
+
+    /// Times the output head of SmolLM2 (49152 x 576) against libtorch's int8 kernel and
+    /// the dense bf16 product, interleaved: `cargo test --release -p tessera-shard --lib
+    /// quant_matmul::tests::timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn timing() {
+        use crate::linear::Linear;
+        let (rows, cols) = (49152i64, 576i64);
+        let dense = Tensor::from_slice(&values((rows * cols) as usize, 1))
+            .view([rows, cols])
+            .to_kind(Kind::BFloat16);
+        let ours = QuantWeight::from_dense_q8(&dense).unwrap();
+        let dense_linear = Linear::dense(dense.shallow_clone());
+        // Without VNNI `with_int8` takes libtorch's per-row int8 kernel; force it here.
+        let torch_int8 = {
+            let w = dense.to_kind(Kind::Float);
+            let scale = w.abs().amax([1i64].as_slice(), true).clamp_min(1e-12) / 127.0;
+            let q = (w / &scale).round().to_kind(Kind::Int8);
+            (q, scale.squeeze_dim(1).to_kind(Kind::BFloat16))
+        };
+        for batch in [1i64, 8, 32, 64] {
+            let x = Tensor::from_slice(&values((batch * cols) as usize, 5))
+                .view([batch, cols])
+                .to_kind(Kind::BFloat16);
+            let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+            let time = |f: &dyn Fn()| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64() * 1e3
+            };
+            for _ in 0..11 {
+                a.push(time(&|| drop(ours.matmul_f32(&x).unwrap())));
+                b.push(time(&|| {
+                    drop(x.internal_weight_int8pack_mm(&torch_int8.0, &torch_int8.1))
+                }));
+                c.push(time(&|| drop(dense_linear.forward(&x).unwrap())));
+            }
+            for v in [&mut a, &mut b, &mut c] {
+                v.sort_by(f64::total_cmp);
+            }
+            println!(
+                "batch {batch}: vnni q8 {:.2} ms, libtorch int8 {:.2} ms, dense bf16 {:.2} ms (medians of 11)",
+                a[5], b[5], c[5]
+            );
+        }
+    }
+
+    #[test]
+    fn a_wrong_shape_is_an_error() {
+        let (w, _) = weight(8, 64, 1);
+        let x = Tensor::zeros([2, 32], (Kind::Float, tch::Device::Cpu));
+        assert!(w.matmul(&x).is_err());
+        let x = Tensor::zeros([64], (Kind::Float, tch::Device::Cpu));
+        assert!(w.matmul(&x).is_err());
+        let x = Tensor::zeros([1, 64], (Kind::Int, tch::Device::Cpu));
+        assert!(w.matmul(&x).is_err());
+    }
+}
