@@ -245,6 +245,13 @@ def build():
                      [(f"sum by (phase, {by}) "
                        f"(rate(tessera_batch_forward_duration_seconds_count{{{REPL}}}[{RATE}]))",
                        "{{phase}} " + legend)], "short"), 8, 8)
+    g.add(timeseries("Forward duration p99 by rank",
+                     "One step's forward pass and sampling as each shard rank timed it; a rank "
+                     "slower than its peers holds the whole group back.",
+                     [(q, "{{phase}} replica {{replica}} rank {{rank}} " + l)
+                      for q, l in quantiles("tessera_shard_forward_duration_seconds",
+                                            by="le, phase, instance, replica, rank",
+                                            selector=REPL)[2:3]], "s"), 8, 8)
     return g.panels
 
 

@@ -37,6 +37,9 @@ pub struct Metrics {
     pub batch_size: IntGaugeVec,
     /// Duration of one shard step, by phase (`prefill`, `decode`) and replica.
     pub forward_duration: HistogramVec,
+    /// Forward pass and sampling of one step as each shard rank timed it, by phase,
+    /// replica and rank.
+    pub rank_forward_duration: HistogramVec,
     /// KV blocks held by running requests, by replica.
     pub kv_blocks_used: IntGaugeVec,
     /// KV blocks free, by replica.
@@ -58,6 +61,9 @@ pub struct ReplicaMetrics {
     pub kv_blocks_free: IntGauge,
     pub shard_healthy: IntGauge,
     pub requests: IntCounter,
+    /// Per rank: the prefill and decode series of `tessera_shard_forward_duration_seconds`.
+    pub rank_prefill: Vec<Histogram>,
+    pub rank_decode: Vec<Histogram>,
 }
 
 fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
@@ -85,6 +91,15 @@ impl Metrics {
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["phase", "replica"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let rank_forward_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "tessera_shard_forward_duration_seconds",
+                "Forward pass and sampling of one step as each shard rank timed it, by phase, replica and rank",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["phase", "replica", "rank"],
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let per_replica = |name: &str, help: &str| {
@@ -150,6 +165,7 @@ impl Metrics {
                 "Requests in the running batch, by replica",
             ),
             forward_duration,
+            rank_forward_duration,
             kv_blocks_used: per_replica(
                 "tessera_kv_cache_blocks_used",
                 "KV cache blocks held by running requests, by replica",
@@ -183,6 +199,7 @@ impl Metrics {
             Box::new(self.queue_size.clone()),
             Box::new(self.batch_size.clone()),
             Box::new(self.forward_duration.clone()),
+            Box::new(self.rank_forward_duration.clone()),
             Box::new(self.kv_blocks_used.clone()),
             Box::new(self.kv_blocks_free.clone()),
             Box::new(self.shard_healthy.clone()),
@@ -212,6 +229,29 @@ impl Metrics {
             kv_blocks_free: self.kv_blocks_free.with_label_values(&replica),
             shard_healthy: self.shard_healthy.with_label_values(&replica),
             requests: self.replica_requests.with_label_values(&replica),
+            rank_prefill: Vec::new(),
+            rank_decode: Vec::new(),
+        }
+    }
+
+    /// [`replica`](Self::replica) with the per-rank series of its `ranks` ranks.
+    pub fn replica_ranks(&self, index: usize, ranks: usize) -> ReplicaMetrics {
+        let label = index.to_string();
+        let series = |phase: &str| -> Vec<Histogram> {
+            (0..ranks)
+                .map(|r| {
+                    self.rank_forward_duration.with_label_values(&[
+                        phase,
+                        label.as_str(),
+                        r.to_string().as_str(),
+                    ])
+                })
+                .collect()
+        };
+        ReplicaMetrics {
+            rank_prefill: series("prefill"),
+            rank_decode: series("decode"),
+            ..self.replica(index)
         }
     }
 
@@ -242,6 +282,15 @@ mod tests {
         let r1 = metrics.replica(1);
         r1.queue_size.set(3);
         r1.requests.inc();
+        let ranks = metrics.replica_ranks(1, 2);
+        ranks.rank_decode[1].observe(0.02);
+        let text = metrics.render();
+        assert!(text.contains(
+            "tessera_shard_forward_duration_seconds_count{phase=\"decode\",rank=\"1\",replica=\"1\"} 1"
+        ));
+        assert!(text.contains(
+            "tessera_shard_forward_duration_seconds_count{phase=\"prefill\",rank=\"0\",replica=\"1\"} 0"
+        ));
         r1.decode_duration.observe(0.01);
         metrics.replica(0).shard_healthy.set(1);
         let text = metrics.render();

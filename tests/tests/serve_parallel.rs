@@ -58,10 +58,22 @@ fn tiny_model_over_two_and_four_ranks_answers_like_one() {
             "--num-shard",
             ranks,
         ]);
-        prompts
+        let answers = prompts
             .iter()
             .map(|p| generated_ids(&greedy(&server, p, 24)))
-            .collect()
+            .collect();
+        // Every rank reports its own forward time of every step.
+        let metrics = server.http.get("/metrics").text().unwrap();
+        let n: usize = ranks.parse().unwrap();
+        for rank in 0..n {
+            for (phase, steps) in [("prefill", 2.0), ("decode", 2.0 * 23.0)] {
+                let name = format!(
+                    "tessera_shard_forward_duration_seconds_count{{phase=\"{phase}\",rank=\"{rank}\",replica=\"0\"}}"
+                );
+                assert_eq!(common::metric_value(&metrics, &name), Some(steps), "{name}");
+            }
+        }
+        answers
     };
     let one = answers("1");
     assert!(one.iter().all(|a| a.len() == 24));

@@ -62,6 +62,15 @@ fn token(t: Option<pb::Token>) -> Token {
     }
 }
 
+/// Records each rank's own forward time of a step (ranks that sent none are skipped).
+fn observe_ranks(series: &[prometheus::Histogram], timings: &[Option<pb::Timings>]) {
+    for (histogram, t) in series.iter().zip(timings) {
+        if let Some(t) = t {
+            histogram.observe(t.forward_ns as f64 / 1e9);
+        }
+    }
+}
+
 fn finish_reason(code: i32) -> Option<FinishReason> {
     match pb::FinishReason::try_from(code).unwrap_or(pb::FinishReason::Unspecified) {
         pb::FinishReason::Unspecified => None,
@@ -106,7 +115,7 @@ impl BatchingTask {
         health: HealthReporter,
     ) -> Self {
         let blocks = BlockAllocator::new(num_blocks, block_size, config.max_batch_total_tokens);
-        let metrics = metrics.replica(replica);
+        let metrics = metrics.replica_ranks(replica, client.world_size());
         metrics.kv_blocks_free.set(i64::from(blocks.free()));
         metrics.kv_blocks_used.set(0);
         let (load, _) = watch::channel(Load {
@@ -333,12 +342,13 @@ impl BatchingTask {
             .instrument(span)
             .await;
         match result {
-            Ok(response) => {
+            Ok((response, ranks)) => {
                 if let Some(t) = &response.timings {
                     self.metrics
                         .prefill_duration
                         .observe(t.forward_ns as f64 / 1e9);
                 }
+                observe_ranks(&self.metrics.rank_prefill, &ranks);
                 let ids: Vec<u64> = new.keys().copied().collect();
                 self.running.requests.extend(new);
                 self.handle_generations(response.generations);
@@ -396,12 +406,13 @@ impl BatchingTask {
             .await;
         self.steps_since_prefill = self.steps_since_prefill.saturating_add(1);
         match result {
-            Ok(response) => {
+            Ok((response, ranks)) => {
                 if let Some(t) = &response.timings {
                     self.metrics
                         .decode_duration
                         .observe(t.forward_ns as f64 / 1e9);
                 }
+                observe_ranks(&self.metrics.rank_decode, &ranks);
                 self.handle_generations(response.generations);
                 let kept = match response.batch {
                     Some(batch) => {

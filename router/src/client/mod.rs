@@ -211,17 +211,21 @@ impl ShardedClient {
     }
 
     /// Prefills `batch` on every rank; `traces` are the requests' trace
-    /// contexts (empty when traces are not exported).
+    /// contexts (empty when traces are not exported). Returns rank 0's answer
+    /// and each rank's timings.
     pub async fn prefill(
         &mut self,
         batch: pb::Batch,
         traces: Vec<pb::RequestTrace>,
-    ) -> Result<pb::PrefillResponse, ClientError> {
+    ) -> Result<(pb::PrefillResponse, Vec<Option<pb::Timings>>), ClientError> {
         let request = pb::PrefillRequest {
             batch: Some(batch),
             traces,
         };
-        first(try_join_all(self.ranks.iter_mut().map(|c| c.prefill(request.clone()))).await?)
+        let answers =
+            try_join_all(self.ranks.iter_mut().map(|c| c.prefill(request.clone()))).await?;
+        let timings = answers.iter().map(|a| a.timings).collect();
+        Ok((first(answers)?, timings))
     }
 
     /// One decode step of `batch_ids` on every rank; `traces` as for prefill.
@@ -229,9 +233,12 @@ impl ShardedClient {
         &mut self,
         batch_ids: Vec<u64>,
         traces: Vec<pb::RequestTrace>,
-    ) -> Result<pb::DecodeResponse, ClientError> {
+    ) -> Result<(pb::DecodeResponse, Vec<Option<pb::Timings>>), ClientError> {
         let request = pb::DecodeRequest { batch_ids, traces };
-        first(try_join_all(self.ranks.iter_mut().map(|c| c.decode(request.clone()))).await?)
+        let answers =
+            try_join_all(self.ranks.iter_mut().map(|c| c.decode(request.clone()))).await?;
+        let timings = answers.iter().map(|a| a.timings).collect();
+        Ok((first(answers)?, timings))
     }
 
     pub async fn filter_batch(
