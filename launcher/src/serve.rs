@@ -14,6 +14,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
+use tokio::sync::watch;
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -199,13 +200,29 @@ enum Stop {
     RouterDied(std::process::ExitStatus),
 }
 
-async fn signal() -> anyhow::Result<()> {
+/// Listens for SIGINT and SIGTERM from now on (so that a stop asked while the model is
+/// still loading is not lost, and the default action cannot kill the launcher and leave
+/// its shards running); the receiver turns `true` at the first one.
+fn stop_requests() -> anyhow::Result<watch::Receiver<bool>> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {},
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {},
+            _ = term.recv() => {},
+        }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+/// Returns once a stop was asked (at once if it already was).
+async fn stop_requested(rx: &mut watch::Receiver<bool>) {
+    // An error means the listener is gone: no stop can come any more.
+    if rx.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
     }
-    Ok(())
 }
 
 /// Returns when no group is whole any more, describing the deaths.
@@ -234,6 +251,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if args.num_shard == 0 || args.replicas == 0 {
         bail!("--num-shard and --replicas must be at least 1");
     }
+    let mut stop_rx = stop_requests()?;
     let shard_bin = sibling("tessera-shard", "TESSERA_SHARD_BIN")?;
     let router_bin = sibling("tessera-router", "TESSERA_ROUTER_BIN")?;
     let uds = args
@@ -316,9 +334,21 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         "tessera: loading the model in {} shard rank(s) ({ranks} per group, {groups} group(s)) ...",
         shards.len()
     );
-    if let Err(e) = wait_for_sockets(&mut shards).await {
-        stop_all(&mut shards, Duration::from_secs(10)).await;
-        return Err(e);
+    let loaded = tokio::select! {
+        r = wait_for_sockets(&mut shards) => Some(r),
+        _ = stop_requested(&mut stop_rx) => None,
+    };
+    match loaded {
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            stop_all(&mut shards, Duration::from_secs(10)).await;
+            return Err(e);
+        }
+        None => {
+            eprintln!("tessera: stopping during loading");
+            stop_all(&mut shards, Duration::from_secs(10)).await;
+            return Ok(ExitCode::SUCCESS);
+        }
     }
 
     let mut router_cmd = Command::new(&router_bin);
@@ -356,6 +386,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         if healthy(args.port).await {
             break;
         }
+        if *stop_rx.borrow() {
+            eprintln!("tessera: stopping during warmup");
+            stop(&mut router, Duration::from_secs(10)).await;
+            stop_all(&mut shards, Duration::from_secs(10)).await;
+            return Ok(ExitCode::SUCCESS);
+        }
         for shard in shards.iter_mut() {
             if let Some(status) = shard.child.try_wait()? {
                 let name = shard.name.clone();
@@ -381,7 +417,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     );
 
     let why = tokio::select! {
-        r = signal() => { r?; Stop::Signal }
+        _ = stop_requested(&mut stop_rx) => Stop::Signal,
         d = watch_shards(&mut shards, groups as usize) => Stop::ShardsDied(d),
         s = router.wait() => Stop::RouterDied(s?),
     };

@@ -129,6 +129,47 @@ fn find_process(parts: &[&str]) -> Option<i32> {
     })
 }
 
+/// SIGTERM while the ranks are still loading stops the launcher and its ranks: before,
+/// the launcher installed its handler only once ready, so the signal's default action
+/// killed it and left the shard processes running.
+#[test]
+fn sigterm_during_loading_stops_every_rank() {
+    let sockets = unique_tmp("loading");
+    let sockets = sockets.display().to_string();
+    let mut proc = Proc::start(
+        "tessera-serve-loading",
+        &bin("tessera"),
+        &[
+            "serve".into(),
+            "--port".into(),
+            free_port().to_string(),
+            "--shard-uds-path".into(),
+            sockets.clone(),
+            "--num-shard".into(),
+            "3".into(),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while find_process(&["tessera-shard", &sockets]).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no rank started\n{}",
+            proc.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proc.signal(libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proc.running() || find_process(&["tessera-shard", &sockets]).is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "launcher or ranks still running after SIGTERM\n{}",
+            proc.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Two replicas of the default model: concurrent requests are spread over both (as
 /// the per-replica counter shows) and answered exactly as one rank answers.
 #[test]
