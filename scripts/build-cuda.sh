@@ -10,6 +10,7 @@ export LIBTORCH_LIB="$root/.deps/py/torch"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target-cuda}"
 cargo build --release -p tessera-shard --features cuda "$@"
 bin="$CARGO_TARGET_DIR/release/tessera-shard"
-ldd "$bin" | grep -q 'libtorch_cuda.so' || { echo "build-cuda: $bin does not need libtorch_cuda.so" >&2; exit 1; }
+linked="$(ldd "$bin")"  # captured, not piped: `| grep -q` under pipefail can fail on SIGPIPE
+grep -q 'libtorch_cuda.so' <<<"$linked" || { echo "build-cuda: $bin does not need libtorch_cuda.so" >&2; exit 1; }
 strip -o "$CARGO_TARGET_DIR/release/tessera-shard.stripped" "$bin"
 echo "$CARGO_TARGET_DIR/release/tessera-shard.stripped"

@@ -27,7 +27,10 @@ cargo test --release --workspace --no-fail-fast "$@" || status=$?
 # keeps both variants, so the CPU binaries are restored at once afterwards.
 echo "tessera test: checking that the CUDA build links" >&2
 cargo build --release --workspace --bins --features tessera-shard/cuda
-if ! ldd target/release/tessera-shard | grep -q 'libtorch_cuda.so'; then
+# ldd's output is captured first: `ldd | grep -q` under pipefail fails at random when
+# grep exits at its first match and ldd dies writing the rest (SIGPIPE).
+linked="$(ldd target/release/tessera-shard)"
+if ! grep -q 'libtorch_cuda.so' <<<"$linked"; then
   echo "tessera test: the CUDA build does not link libtorch_cuda.so" >&2
   status=1
 fi
