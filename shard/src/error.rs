@@ -56,6 +56,10 @@ pub enum EngineError {
     Collective(#[from] crate::collectives::CollectiveError),
     #[error("decode attention: {0}")]
     Attention(String),
+    #[error("rotary embedding: {0}")]
+    Rotary(String),
+    #[error("RMSNorm: {0}")]
+    Norm(String),
     #[error("compressing weights: {0}")]
     Quantize(String),
     #[error("torch: {0}")]

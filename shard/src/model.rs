@@ -6,6 +6,7 @@ use tessera_model::config::ModelConfig;
 
 use crate::attention::{self, AttentionPlan};
 use crate::collectives::{CollectiveTime, Communicator};
+use crate::cpu_rotary::RotaryTable;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::linear::{Int4Codes, Linear};
@@ -37,9 +38,18 @@ pub struct Llama {
     norm: Tensor,
     lm_head: Linear,
     inv_freq: Tensor,
+    /// The same inverse frequencies on the host, for `cpu_rotary`.
+    inv_freq_host: Vec<f32>,
 }
 
 /// One forward step over a flattened batch of `T` new tokens from `B` sequences.
+/// How a step applies the rotary embedding: in place on the CPU, else with operators
+/// on the step's cos and sin (`[T, 1, head_dim]`).
+enum Rotary {
+    InPlace(RotaryTable),
+    Operators(Tensor, Tensor),
+}
+
 pub struct StepInput {
     /// `[T]` token ids.
     pub tokens: Tensor,
@@ -192,6 +202,7 @@ impl Llama {
             norm,
             lm_head,
             inv_freq,
+            inv_freq_host: inv,
         })
     }
 
@@ -217,8 +228,11 @@ impl Llama {
         self.device
     }
 
-    /// RMSNorm (libtorch's fused kernel, which accumulates in f32 for reduced precision).
+    /// RMSNorm: one pass per row on the CPU (see `cpu_norm`), libtorch's elsewhere.
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        if crate::cpu_norm::supports(x) {
+            return crate::cpu_norm::rms_norm(x, weight, self.config.rms_norm_eps);
+        }
         let h = self.config.hidden_size as i64;
         Ok(x.f_rms_norm([h], Some(weight), self.config.rms_norm_eps)?)
     }
@@ -253,7 +267,17 @@ impl Llama {
             c.head_dim as i64,
         );
         let t = input.tokens.size().first().copied().unwrap_or(0);
-        let (cos, sin) = self.rotary(&input.positions)?;
+        // On the CPU the rotation runs in place on each layer's q/k/v (see `cpu_rotary`).
+        let rotary = if RotaryTable::supports(self.kind, self.device) {
+            Rotary::InPlace(RotaryTable::new(
+                &input.positions,
+                &self.inv_freq_host,
+                self.kind,
+            )?)
+        } else {
+            let (cos, sin) = self.rotary(&input.positions)?;
+            Rotary::Operators(cos, sin)
+        };
         let mut hidden = self.embed_tokens(&input.tokens)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let x = self.rms_norm(&hidden, &layer.attn_norm)?;
@@ -262,10 +286,19 @@ impl Llama {
                 qkv = qkv.f_add(bias)?;
             }
             // Rotary embedding on the query and key heads together, in one pass.
-            let qk = qkv
-                .f_narrow(1, 0, (nh + nkv) * hd)?
-                .f_view([t, nh + nkv, hd])?;
-            let qk = Self::apply_rotary(&qk, &cos, &sin)?;
+            let qk = match &rotary {
+                Rotary::InPlace(table) => {
+                    table.apply(&mut qkv, (nh + nkv) as usize)?;
+                    qkv.f_narrow(1, 0, (nh + nkv) * hd)?
+                        .f_view([t, nh + nkv, hd])?
+                }
+                Rotary::Operators(cos, sin) => {
+                    let qk = qkv
+                        .f_narrow(1, 0, (nh + nkv) * hd)?
+                        .f_view([t, nh + nkv, hd])?;
+                    Self::apply_rotary(&qk, cos, sin)?
+                }
+            };
             let q = qk.f_narrow(1, 0, nh)?;
             let k = qk.f_narrow(1, nh, nkv)?;
             let v = qkv

@@ -22,23 +22,25 @@ fn tessera() -> Command {
     Command::new(path)
 }
 
-#[test]
-fn generate_continues_the_france_prompt_greedily() {
-    let out = tessera()
-        .args([
-            "generate",
-            "The capital of France is",
-            "--max-new-tokens",
-            "4",
-        ])
-        .output()
-        .unwrap();
+/// Runs `tessera ARGS`, which must succeed, and returns what it printed.
+fn stdout_of(args: &[&str]) -> String {
+    let out = tessera().args(args).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8(out.stdout).unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn generate_continues_the_france_prompt_greedily() {
+    let text = stdout_of(&[
+        "generate",
+        "The capital of France is",
+        "--max-new-tokens",
+        "4",
+    ]);
     assert!(text.starts_with(" Paris."), "{text:?}");
 }
 
@@ -48,33 +50,23 @@ fn generate_continues_the_france_prompt_greedily() {
 #[test]
 fn bfloat16_chat_answers_the_france_question() {
     for dtype in ["bfloat16", "float16"] {
-        let out = tessera()
-            .args(["generate", "--chat", "What is the capital of France?"])
-            .args(["--dtype", dtype, "--max-new-tokens", "12"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8(out.stdout).unwrap();
+        let question = "What is the capital of France?";
+        let text = stdout_of(&[
+            "generate",
+            "--chat",
+            question,
+            "--dtype",
+            dtype,
+            "--max-new-tokens",
+            "12",
+        ]);
         assert!(text.contains("Paris"), "{dtype}: {text:?}");
     }
 }
 
 #[test]
 fn chat_generation_uses_the_template_and_stops_at_eos() {
-    let out = tessera()
-        .args(["generate", "--chat", "Say hello.", "--max-new-tokens", "48"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = stdout_of(&["generate", "--chat", "Say hello.", "--max-new-tokens", "48"]);
     assert!(!text.trim().is_empty());
     assert!(
         !text.contains("<|im_"),
