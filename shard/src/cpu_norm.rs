@@ -9,6 +9,8 @@
 //! input's dtype before it is multiplied by the weight.
 
 use half::{bf16, f16};
+
+use crate::element::Element;
 use tch::{Kind, Tensor};
 
 use crate::error::{EngineError, Result};
@@ -54,45 +56,6 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 fn norm_error(message: String) -> EngineError {
     EngineError::Norm(message)
-}
-
-/// An element type of the rows.
-trait Element: Copy + Send + Sync {
-    fn widen(self) -> f32;
-    fn narrow(value: f32) -> Self;
-}
-
-impl Element for f32 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn narrow(value: f32) -> Self {
-        value
-    }
-}
-
-impl Element for bf16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        f32::from_bits((self.to_bits() as u32) << 16)
-    }
-    #[inline(always)]
-    fn narrow(value: f32) -> Self {
-        bf16::from_f32(value)
-    }
-}
-
-impl Element for f16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn narrow(value: f32) -> Self {
-        f16::from_f32(value)
-    }
 }
 
 /// The output rows, written by several tasks at disjoint rows.

@@ -8,6 +8,8 @@
 //! the same roundings as the operator form (each product, then the sum).
 
 use half::{bf16, f16};
+
+use crate::element::Element;
 use tch::{Kind, Tensor};
 
 use crate::error::{EngineError, Result};
@@ -118,51 +120,14 @@ impl RotaryTable {
                 for i in 0..half {
                     let (x1, x2) = (first[i].widen(), second[i].widen());
                     let (c, s) = (cos[i], sin[i]);
-                    let a = T::round(x1 * c) + T::round(-x2 * s);
-                    let b = T::round(x2 * c) + T::round(x1 * s);
+                    let a = T::rounded(x1 * c) + T::rounded(-x2 * s);
+                    let b = T::rounded(x2 * c) + T::rounded(x1 * s);
                     first[i] = T::narrow(a);
                     second[i] = T::narrow(b);
                 }
             }
         }
         Ok(())
-    }
-}
-
-/// An element type of the projection.
-trait Element: Copy {
-    fn widen(self) -> f32;
-    fn narrow(value: f32) -> Self;
-    /// `value` rounded to this type, as f32.
-    fn round(value: f32) -> f32 {
-        Self::narrow(value).widen()
-    }
-}
-
-impl Element for f32 {
-    fn widen(self) -> f32 {
-        self
-    }
-    fn narrow(value: f32) -> Self {
-        value
-    }
-}
-
-impl Element for bf16 {
-    fn widen(self) -> f32 {
-        f32::from_bits((self.to_bits() as u32) << 16)
-    }
-    fn narrow(value: f32) -> Self {
-        bf16::from_f32(value)
-    }
-}
-
-impl Element for f16 {
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-    fn narrow(value: f32) -> Self {
-        f16::from_f32(value)
     }
 }
 

@@ -9,6 +9,7 @@ pub mod cpu_attention;
 pub mod cpu_norm;
 pub mod cpu_rotary;
 pub mod device;
+pub mod element;
 pub mod engine;
 pub mod error;
 pub mod kv_cache;

@@ -21,6 +21,8 @@
 //! engine keeps libtorch's int8 kernel.
 
 use half::{bf16, f16};
+
+use crate::element::Element;
 use tch::{Kind, Tensor};
 
 use crate::error::{EngineError, Result};
@@ -267,39 +269,6 @@ struct Activations {
     /// `batch * blocks * 8`: each pair of blocks' scales spread over 16 lanes
     /// (`[s_k; 8], [s_k+1; 8]`), as the vector kernel applies them.
     lane_scales: Vec<f32>,
-}
-
-/// An activation and output element type.
-trait Element: Copy + Send + Sync {
-    fn widen(self) -> f32;
-    fn narrow(value: f32) -> Self;
-}
-
-impl Element for f32 {
-    fn widen(self) -> f32 {
-        self
-    }
-    fn narrow(value: f32) -> Self {
-        value
-    }
-}
-
-impl Element for bf16 {
-    fn widen(self) -> f32 {
-        f32::from_bits((self.to_bits() as u32) << 16)
-    }
-    fn narrow(value: f32) -> Self {
-        bf16::from_f32(value)
-    }
-}
-
-impl Element for f16 {
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-    fn narrow(value: f32) -> Self {
-        f16::from_f32(value)
-    }
 }
 
 impl Activations {
