@@ -55,6 +55,7 @@ fn build_shim(torch_lib: Option<&str>) {
         .cpp(true)
         .file("csrc/parallel.cpp")
         .file("csrc/collectives.cpp")
+        .file("csrc/packed_linear.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         // The wheel has no gloo headers: declarations of the types c10d names.

@@ -98,13 +98,7 @@ fn run<T: Element>(
     }
     let task = |t: usize| {
         let span = t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(rows);
-        for r in span {
-            // SAFETY: row `r` belongs to this task alone, and the output outlives the call.
-            let Some(dst) = (unsafe { target.row(r, h) }) else {
-                return;
-            };
-            normalize_row(&x[r * h..(r + 1) * h], &weight, eps, dst);
-        }
+        norm_rows_best(x, &weight, eps, span, h, &target);
     };
     let tasks = rows.div_ceil(ROWS_PER_TASK);
     if tasks <= 1 {
@@ -112,6 +106,56 @@ fn run<T: Element>(
         Ok(())
     } else {
         parallel::for_each(tasks, &task).map_err(|e| norm_error(e.to_string()))
+    }
+}
+
+/// Normalizes rows `span` into `target`, compiled for AVX-512 where available.
+fn norm_rows_best<T: Element>(
+    x: &[T],
+    weight: &[f32],
+    eps: f32,
+    span: std::ops::Range<usize>,
+    h: usize,
+    target: &Rows<T>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx512() {
+        // SAFETY: the processor has the features `norm_rows_avx512` is compiled for.
+        unsafe { norm_rows_avx512(x, weight, eps, span, h, target) };
+        return;
+    }
+    norm_rows(x, weight, eps, span, h, target);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+unsafe fn norm_rows_avx512<T: Element>(
+    x: &[T],
+    weight: &[f32],
+    eps: f32,
+    span: std::ops::Range<usize>,
+    h: usize,
+    target: &Rows<T>,
+) {
+    norm_rows(x, weight, eps, span, h, target);
+}
+
+#[inline(always)]
+fn norm_rows<T: Element>(
+    x: &[T],
+    weight: &[f32],
+    eps: f32,
+    span: std::ops::Range<usize>,
+    h: usize,
+    target: &Rows<T>,
+) {
+    for r in span {
+        // SAFETY: rows `span` belong to this caller alone (see `run`), and the output
+        // outlives the call.
+        let Some(dst) = (unsafe { target.row(r, h) }) else {
+            return;
+        };
+        normalize_row(&x[r * h..(r + 1) * h], weight, eps, dst);
     }
 }
 

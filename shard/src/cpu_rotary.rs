@@ -111,23 +111,70 @@ impl RotaryTable {
         // SAFETY: `qkv` is a contiguous CPU tensor of `len` elements of `T` (checked by
         // `apply`), borrowed mutably for this call, so nothing else reads or writes it.
         let data = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-        let half = self.half;
-        for (r, row) in data.chunks_exact_mut(width).enumerate() {
-            let cos = &self.cos[r * half..(r + 1) * half];
-            let sin = &self.sin[r * half..(r + 1) * half];
-            for head in row[..heads * 2 * half].chunks_exact_mut(2 * half) {
-                let (first, second) = head.split_at_mut(half);
-                for i in 0..half {
-                    let (x1, x2) = (first[i].widen(), second[i].widen());
-                    let (c, s) = (cos[i], sin[i]);
-                    let a = T::rounded(x1 * c) + T::rounded(-x2 * s);
-                    let b = T::rounded(x2 * c) + T::rounded(x1 * s);
-                    first[i] = T::narrow(a);
-                    second[i] = T::narrow(b);
-                }
+        rotate_rows_best(data, width, heads, self.half, &self.cos, &self.sin);
+        Ok(())
+    }
+}
+
+/// Rotates heads `0..heads` of every `width`-wide row of `data` by the per-row angles
+/// (`half` cos and sin values per row), compiled for AVX-512 where available.
+fn rotate_rows_best<T: Element>(
+    data: &mut [T],
+    width: usize,
+    heads: usize,
+    half: usize,
+    cos: &[f32],
+    sin: &[f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::avx512() {
+        // SAFETY: the processor has the features `rotate_rows_avx512` is compiled for.
+        unsafe { rotate_rows_avx512(data, width, heads, half, cos, sin) };
+        return;
+    }
+    rotate_rows(data, width, heads, half, cos, sin);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+unsafe fn rotate_rows_avx512<T: Element>(
+    data: &mut [T],
+    width: usize,
+    heads: usize,
+    half: usize,
+    cos: &[f32],
+    sin: &[f32],
+) {
+    rotate_rows(data, width, heads, half, cos, sin);
+}
+
+#[inline(always)]
+fn rotate_rows<T: Element>(
+    data: &mut [T],
+    width: usize,
+    heads: usize,
+    half: usize,
+    cos: &[f32],
+    sin: &[f32],
+) {
+    for (r, row) in data.chunks_exact_mut(width).enumerate() {
+        let (Some(cos), Some(sin)) = (
+            cos.get(r * half..(r + 1) * half),
+            sin.get(r * half..(r + 1) * half),
+        ) else {
+            return;
+        };
+        for head in row[..heads * 2 * half].chunks_exact_mut(2 * half) {
+            let (first, second) = head.split_at_mut(half);
+            for i in 0..half {
+                let (x1, x2) = (first[i].widen(), second[i].widen());
+                let (c, s) = (cos[i], sin[i]);
+                let a = T::rounded(x1 * c) + T::rounded(-x2 * s);
+                let b = T::rounded(x2 * c) + T::rounded(x1 * s);
+                first[i] = T::narrow(a);
+                second[i] = T::narrow(b);
             }
         }
-        Ok(())
     }
 }
 

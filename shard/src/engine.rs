@@ -20,7 +20,7 @@ use crate::kv_cache::KvCache;
 use crate::model::{Llama, StepInput};
 use crate::model_files::ModelFiles;
 use crate::partition::Partition;
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{SampledToken, Sampler, SamplingParams};
 use crate::stopping::{FinishReason, StopChecker, StoppingCriteria};
 
 /// Most attention groups of one decode step (each adds ~8 operator calls per layer).
@@ -370,6 +370,7 @@ impl Engine {
             tokens: self.device_i64(&tokens)?,
             positions: self.device_i64(&positions)?,
             slots: self.device_i64(&slots)?,
+            slots_host: slots,
             last_index: self.device_i64(&last)?,
             attention: AttentionPlan::Prefill(spans),
         };
@@ -418,6 +419,7 @@ impl Engine {
             tokens: self.device_i64(&tokens)?,
             positions: self.device_i64(&positions)?,
             slots: self.device_i64(&slots)?,
+            slots_host: slots,
             last_index: self.device_i64(&[n - 1])?,
             attention: AttentionPlan::Prefill(vec![(0, n)]),
         };
@@ -470,6 +472,7 @@ impl Engine {
             tokens: self.device_i64(&tokens)?,
             positions: self.device_i64(&positions)?,
             slots: self.device_i64(&slots)?,
+            slots_host: slots,
             last_index: Tensor::f_arange(b as i64, (Kind::Int64, device))?,
             attention,
         };
@@ -542,9 +545,15 @@ impl Engine {
         let vocab = self.model.config().vocab_size;
         let mut rows: Vec<f32> =
             Vec::<f32>::try_from(logits.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
-        let mut out = Vec::with_capacity(view.active.len());
+        let seqs = &mut view.batch.seqs;
+        // Each active sequence with its own logits row (indices are distinct).
+        let mut pairs: Vec<(&mut Sequence, &mut [f32])> = Vec::with_capacity(view.active.len());
+        let mut by_index: Vec<Option<&mut Sequence>> = seqs.iter_mut().map(Some).collect();
         for (row, &i) in rows.chunks_mut(vocab).zip(view.active.iter()) {
-            let seq = &mut view.batch.seqs[i];
+            let seq = by_index
+                .get_mut(i)
+                .and_then(Option::take)
+                .ok_or_else(|| EngineError::Batch(format!("sequence {i} is not in the batch")))?;
             let criteria = seq.stop.criteria();
             if !criteria.ignore_eos && seq.stop.generated_tokens() < criteria.min_new_tokens {
                 // Too early to end: EOS may not be chosen (vLLM's `min_tokens`).
@@ -554,7 +563,14 @@ impl Engine {
                     }
                 }
             }
-            let sampled = seq.sampler.sample(row);
+            pairs.push((seq, row));
+        }
+        // Sampling reads a whole vocabulary row per sequence: the rows are spread over
+        // libtorch's threads (each sequence has its own sampler and random stream, so the
+        // result does not depend on the split).
+        let sampled = sample_rows(&mut pairs)?;
+        let mut out = Vec::with_capacity(pairs.len());
+        for ((seq, _), sampled) in pairs.into_iter().zip(sampled) {
             seq.tokens.push(sampled.id);
             let text = seq.decoder.step(&self.tokenizer, sampled.id).map_err(|e| {
                 EngineError::Request {
@@ -597,6 +613,33 @@ impl Engine {
         }
         Ok(out)
     }
+}
+
+/// A sequence's sampler, its logits row and the token sampled from it.
+type SampleCell<'a> = (&'a mut Sampler, &'a mut [f32], Option<SampledToken>);
+
+/// Samples one token per `(sequence, logits row)`, rows in parallel.
+fn sample_rows(pairs: &mut [(&mut Sequence, &mut [f32])]) -> Result<Vec<SampledToken>> {
+    let cells: Vec<std::sync::Mutex<SampleCell>> = pairs
+        .iter_mut()
+        .map(|(seq, row)| std::sync::Mutex::new((&mut seq.sampler, &mut **row, None)))
+        .collect();
+    crate::parallel::for_each(cells.len(), &|i| {
+        if let Some(Ok(mut cell)) = cells.get(i).map(|c| c.lock()) {
+            let (sampler, row, out) = &mut *cell;
+            *out = Some(sampler.sample(row));
+        }
+    })
+    .map_err(|e| EngineError::Batch(format!("sampling: {e}")))?;
+    cells
+        .into_iter()
+        .map(|cell| {
+            cell.into_inner()
+                .ok()
+                .and_then(|(_, _, out)| out)
+                .ok_or_else(|| EngineError::Batch("a sequence was not sampled".into()))
+        })
+        .collect()
 }
 
 struct ActiveView<'a> {

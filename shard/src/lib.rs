@@ -17,11 +17,13 @@ pub mod linear;
 pub mod memory;
 pub mod model;
 pub mod model_files;
+pub mod packed_linear;
 pub mod parallel;
 pub mod partition;
 pub mod quant_matmul;
 pub mod sampling;
 pub mod server;
+pub mod simd;
 pub mod stopping;
 pub mod weights;
 

@@ -12,6 +12,7 @@ use half::f16;
 use tch::{Kind, Tensor};
 
 use crate::error::{EngineError, Result};
+use crate::packed_linear::{self, PackedWeight};
 use crate::quant_matmul::{self, QuantWeight};
 
 /// Steps of up to this many token rows use the compressed weights.
@@ -170,6 +171,8 @@ enum Compressed {
 
 pub struct Linear {
     dense: Tensor,
+    /// The dense weight packed for oneDNN (bf16 on the CPU), used instead of `dense`.
+    packed: Option<PackedWeight>,
     compressed: Option<Compressed>,
 }
 
@@ -177,12 +180,29 @@ impl Linear {
     pub fn dense(weight: Tensor) -> Self {
         Self {
             dense: weight,
+            packed: None,
             compressed: None,
         }
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.dense
+    /// Packs the dense weight for oneDNN where it can (see `packed_linear`); the plain
+    /// weight is dropped unless `keep_plain` (for a weight shared with the embedding,
+    /// whose memory stays in use anyway). Where packing is not possible, the layer stays
+    /// as it was.
+    pub fn with_packed(mut self, keep_plain: bool) -> Self {
+        if !packed_linear::supports(&self.dense) {
+            return self;
+        }
+        match PackedWeight::pack(&self.dense) {
+            Ok(packed) => {
+                if !keep_plain {
+                    self.dense = Tensor::empty([0], (self.dense.kind(), self.dense.device()));
+                }
+                self.packed = Some(packed);
+            }
+            Err(e) => tracing::debug!("linear weight kept plain: {e}"),
+        }
+        self
     }
 
     /// Adds the int4 copy made from `codes` (activations of `kind`, CPU only).
@@ -260,7 +280,10 @@ impl Linear {
             Some(Compressed::Int8 { weight, scales }) if rows <= SMALL_BATCH_ROWS => Ok(x
                 .f_contiguous()?
                 .f_internal_weight_int8pack_mm(weight, scales)?),
-            _ => Ok(x.f_linear::<Tensor>(&self.dense, None)?),
+            _ => match &self.packed {
+                Some(packed) => packed.forward(x),
+                None => Ok(x.f_linear::<Tensor>(&self.dense, None)?),
+            },
         }
     }
 }

@@ -57,6 +57,8 @@ pub struct StepInput {
     pub positions: Tensor,
     /// `[T]` KV pool slots the new keys and values are written to.
     pub slots: Tensor,
+    /// The same slots on the host.
+    pub slots_host: Vec<i64>,
     /// `[B]` index into `T` of each sequence's last token (its logits are returned).
     pub last_index: Tensor,
     pub attention: AttentionPlan,
@@ -90,7 +92,7 @@ impl Llama {
         // exact for reference checks).
         let compress = device == Device::Cpu && matches!(kind, Kind::BFloat16 | Kind::Half);
         let linear = |dense: Tensor, parts: &[(String, [usize; 2], Slice)]| -> Result<Linear> {
-            let linear = Linear::dense(dense);
+            let linear = Linear::dense(dense).with_packed(false);
             if !compress {
                 return Ok(linear);
             }
@@ -189,6 +191,10 @@ impl Llama {
         } else {
             lm_head
         };
+        // A tied head's plain weight is the embedding table, which stays in use; an
+        // untied head keeps only its packed copy.
+        let tied = c.tie_word_embeddings || !source.contains("lm_head.weight");
+        let lm_head = lm_head.with_packed(tied);
         let inv: Vec<f32> = c.rope_inv_freq().iter().map(|&f| f as f32).collect();
         let inv_freq = Tensor::f_from_slice(&inv)?.f_to_device(device)?;
         Ok(Self {
@@ -304,8 +310,7 @@ impl Llama {
             let v = qkv
                 .f_narrow(1, (nh + nkv) * hd, nkv * hd)?
                 .f_view([t, nkv, hd])?;
-            let _ = cache.keys[i].f_index_copy_(0, &input.slots, &k)?;
-            let _ = cache.values[i].f_index_copy_(0, &input.slots, &v)?;
+            cache.write(i, &input.slots, &input.slots_host, &k, &v)?;
             let attn = attention::attend(
                 &input.attention,
                 &q,

@@ -707,7 +707,8 @@ const LANES: usize = 8;
 
 /// The row's maximum, and whether every entry is finite or -inf (no NaN, no
 /// +inf), in one read-only pass.
-fn max_and_check(row: &[f32]) -> (f32, bool) {
+#[inline(always)]
+fn max_and_check_body(row: &[f32]) -> (f32, bool) {
     let mut acc = [f32::NEG_INFINITY; LANES];
     // NaN compares false: `ok` stays true only for x <= f32::MAX.
     let mut ok = [true; LANES];
@@ -727,6 +728,8 @@ fn max_and_check(row: &[f32]) -> (f32, bool) {
     }
     (acc.iter().fold(m, |a, &b| if b > a { b } else { a }), clean)
 }
+
+crate::avx512_variant!(fn max_and_check(row: &[f32]) -> (f32, bool) = max_and_check_body);
 
 /// NaN → -inf, +inf → f32::MAX, -0.0 → 0.0, in place; returns the maximum.
 fn sanitize_and_max(row: &mut [f32]) -> f32 {
@@ -778,7 +781,8 @@ const SUM_BLOCK: usize = 512;
 
 /// Σ exp((x - max) * inv_t) over the row, in f64. `max` must be the row's
 /// maximum (every exponent is <= 0).
-fn sum_exp_scaled(row: &[f32], max: f32, inv_t: f32) -> f64 {
+#[inline(always)]
+fn sum_exp_scaled_body(row: &[f32], max: f32, inv_t: f32) -> f64 {
     let mut total = 0.0f64;
     for block in row.chunks(SUM_BLOCK) {
         let mut acc = [0.0f32; LANES];
@@ -796,10 +800,13 @@ fn sum_exp_scaled(row: &[f32], max: f32, inv_t: f32) -> f64 {
     total
 }
 
+crate::avx512_variant!(fn sum_exp_scaled(row: &[f32], max: f32, inv_t: f32) -> f64 = sum_exp_scaled_body);
+
 /// Replaces every logit x by its weight exp((x - max) * inv_t) and returns
 /// the sum of the weights (f64); `block_sums` receives the sum of each
 /// `SUM_BLOCK` entries.
-fn exp_in_place(row: &mut [f32], max: f32, inv_t: f32, block_sums: &mut Vec<f64>) -> f64 {
+#[inline(always)]
+fn exp_in_place_body(row: &mut [f32], max: f32, inv_t: f32, block_sums: &mut Vec<f64>) -> f64 {
     block_sums.clear();
     let mut total = 0.0f64;
     for block in row.chunks_mut(SUM_BLOCK) {
@@ -823,6 +830,8 @@ fn exp_in_place(row: &mut [f32], max: f32, inv_t: f32, block_sums: &mut Vec<f64>
     }
     total
 }
+
+crate::avx512_variant!(fn exp_in_place(row: &mut [f32], max: f32, inv_t: f32, block_sums: &mut Vec<f64>) -> f64 = exp_in_place_body);
 
 /// exp(x) for x <= 0, with x = -inf (or anything below the smallest normal
 /// result) giving exactly 0. Branch-free so that loops over it vectorise;

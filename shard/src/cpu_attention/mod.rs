@@ -16,6 +16,7 @@
 use half::{bf16, f16};
 use tch::{Kind, Tensor};
 
+use crate::element::Element;
 use crate::error::{EngineError, Result};
 use crate::parallel;
 
@@ -114,43 +115,51 @@ fn attend_with(
         kv_heads: kv_heads as usize,
         head_dim: head_dim as usize,
     };
-    let query = Vec::<f32>::try_from(q.f_to_kind(Kind::Float)?.f_contiguous()?.f_flatten(0, -1)?)?;
-    let mut out = vec![0f32; query.len()];
+    if q.kind() != k_pool.kind() || v_pool.kind() != k_pool.kind() {
+        return Err(shape_error(format!(
+            "query {:?} and pools {:?}/{:?} must have one kind",
+            q.kind(),
+            k_pool.kind(),
+            v_pool.kind()
+        )));
+    }
+    // Each sequence's query heads must be contiguous (a token's row of the q/k/v
+    // projection is); other layouts are copied once.
+    let st = q.stride();
+    let q = if st.get(1) == Some(&head_dim) && st.get(2) == Some(&1) {
+        q.shallow_clone()
+    } else {
+        q.f_contiguous()?
+    };
+    let out = Tensor::f_empty([b, heads * head_dim], (q.kind(), tch::Device::Cpu))?;
     let k_pool = k_pool.f_contiguous()?;
     let v_pool = v_pool.f_contiguous()?;
+    let io = Io {
+        query: q.data_ptr() as usize,
+        query_stride: q.stride()[0] as usize,
+        out: out.data_ptr() as usize,
+    };
+    if b > 0 && (io.query == 0 || io.out == 0) {
+        return Err(shape_error(
+            "query or output storage is not addressable".into(),
+        ));
+    }
     match k_pool.kind() {
-        Kind::BFloat16 => run::<bf16>(
-            contexts,
-            &shape,
-            &query,
-            &k_pool,
-            &v_pool,
-            &mut out,
-            implementation,
-        ),
-        Kind::Half => run::<f16>(
-            contexts,
-            &shape,
-            &query,
-            &k_pool,
-            &v_pool,
-            &mut out,
-            implementation,
-        ),
-        Kind::Float => run::<f32>(
-            contexts,
-            &shape,
-            &query,
-            &k_pool,
-            &v_pool,
-            &mut out,
-            implementation,
-        ),
+        Kind::BFloat16 => run::<bf16>(contexts, &shape, &io, &k_pool, &v_pool, implementation),
+        Kind::Half => run::<f16>(contexts, &shape, &io, &k_pool, &v_pool, implementation),
+        Kind::Float => run::<f32>(contexts, &shape, &io, &k_pool, &v_pool, implementation),
         other => return Err(shape_error(format!("unsupported KV cache kind {other:?}"))),
     }?;
-    Ok(Tensor::f_from_slice(&out)?
-        .f_view([b, heads * head_dim])?
-        .f_to_kind(q.kind())?)
+    Ok(out)
+}
+
+/// Where the queries are read and the outputs written, as addresses of elements of the
+/// pools' type: sequence `i`'s `heads * head_dim` query elements start at
+/// `query + i * query_stride`, its output row at `out + i * heads * head_dim`.
+struct Io {
+    query: usize,
+    query_stride: usize,
+    out: usize,
 }
 
 fn shape_error(message: String) -> EngineError {
@@ -163,10 +172,9 @@ struct Shape {
     head_dim: usize,
 }
 
-/// An element type of the KV pool.
-trait Element: Copy + Send + Sync + 'static + SimdLoad {
+/// An element type of the KV pool (and of the queries and outputs).
+trait PoolElement: Element + 'static + SimdLoad {
     const KIND: Kind;
-    fn widen(self) -> f32;
 }
 
 /// What the AVX-512 kernel needs of an element (nothing off x86_64).
@@ -177,32 +185,20 @@ trait SimdLoad {}
 #[cfg(not(target_arch = "x86_64"))]
 impl<T> SimdLoad for T {}
 
-impl Element for bf16 {
+impl PoolElement for bf16 {
     const KIND: Kind = Kind::BFloat16;
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        f32::from_bits((self.to_bits() as u32) << 16)
-    }
 }
 
-impl Element for f16 {
+impl PoolElement for f16 {
     const KIND: Kind = Kind::Half;
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
 }
 
-impl Element for f32 {
+impl PoolElement for f32 {
     const KIND: Kind = Kind::Float;
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self
-    }
 }
 
 /// Borrows a contiguous CPU tensor of element type `T` as a slice.
-fn as_slice<T: Element>(t: &Tensor) -> Result<&[T]> {
+fn as_slice<T: PoolElement>(t: &Tensor) -> Result<&[T]> {
     if t.kind() != T::KIND || t.device() != tch::Device::Cpu || !t.is_contiguous() {
         return Err(shape_error(format!(
             "KV pool must be a contiguous CPU tensor of {:?}, got {:?} on {:?}",
@@ -236,70 +232,72 @@ enum Implementation {
     Portable,
 }
 
-fn run<T: Element>(
+fn run<T: PoolElement>(
     contexts: &DecodeContexts,
     shape: &Shape,
-    query: &[f32],
+    io: &Io,
     k_pool: &Tensor,
     v_pool: &Tensor,
-    out: &mut [f32],
     implementation: Implementation,
 ) -> Result<()> {
     let keys = as_slice::<T>(k_pool)?;
     let values = as_slice::<T>(v_pool)?;
     let scale = 1.0 / (shape.head_dim as f32).sqrt();
-    let query: Vec<f32> = query.iter().map(|x| x * scale).collect();
-    let stride = shape.heads * shape.head_dim;
+    let width = shape.heads * shape.head_dim;
     let simd = implementation == Implementation::Best && simd_available(shape.head_dim);
     // Sequences are spread over libtorch's threads in groups of similar total context.
     let lens: Vec<usize> = (0..contexts.len())
         .map(|i| contexts.sequence(i).len())
         .collect();
     let groups = parallel::balance(&lens, tch::get_num_threads().max(1) as usize);
-    let out_base = SharedOut(out.as_mut_ptr());
-    let out_len = out.len();
     parallel::for_each(groups.len(), &|g| {
         let mut scratch = Scratch::default();
         for &seq in &groups[g] {
-            let span = seq * stride..(seq + 1) * stride;
-            if span.end > out_len {
-                return;
-            }
-            // SAFETY: `span` is within `out` (checked above), and each sequence belongs to
-            // exactly one group, so no two threads write the same elements; `out` stays
-            // borrowed until `for_each` returns.
-            let out_seq =
-                unsafe { std::slice::from_raw_parts_mut(out_base.get().add(span.start), stride) };
-            let q_seq = &query[span];
+            // SAFETY: `attend_with` checked that the query is `[B, heads, head_dim]` of
+            // `T` with each sequence's heads contiguous at `query_stride`, and made the
+            // output `[B, heads * head_dim]` of `T`; `seq < B`. Each sequence belongs to
+            // exactly one group, so no two threads write the same output row, and both
+            // tensors outlive `for_each`.
+            let (q_seq, out_seq) = unsafe {
+                (
+                    std::slice::from_raw_parts(
+                        (io.query as *const T).add(seq * io.query_stride),
+                        width,
+                    ),
+                    std::slice::from_raw_parts_mut((io.out as *mut T).add(seq * width), width),
+                )
+            };
+            scratch.query.clear();
+            scratch
+                .query
+                .extend(q_seq.iter().map(|x| x.widen() * scale));
+            scratch.out.resize(width, 0.0);
+            let mut out = std::mem::take(&mut scratch.out);
+            let query = std::mem::take(&mut scratch.query);
             one_sequence(
                 contexts.sequence(seq),
                 shape,
-                q_seq,
+                &query,
                 keys,
                 values,
-                out_seq,
+                &mut out,
                 simd,
                 &mut scratch,
             );
+            for (dst, &x) in out_seq.iter_mut().zip(&out) {
+                *dst = T::narrow(x);
+            }
+            scratch.out = out;
+            scratch.query = query;
         }
     })
     .map_err(|e| EngineError::Attention(e.to_string()))
 }
 
-/// The output buffer, written by several threads at disjoint sequences.
-struct SharedOut(*mut f32);
-
-// SAFETY: threads write disjoint ranges only (see `run`).
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
-
 #[derive(Default)]
 struct Scratch {
+    query: Vec<f32>,
+    out: Vec<f32>,
     scores: Vec<f32>,
     rows: Vec<usize>,
     head_rows: Vec<usize>,
@@ -307,7 +305,7 @@ struct Scratch {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn one_sequence<T: Element>(
+fn one_sequence<T: PoolElement>(
     slots: &[i64],
     shape: &Shape,
     q_seq: &[f32],
@@ -378,7 +376,7 @@ fn simd_available(_head_dim: usize) -> bool {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-fn simd_sequence<T: Element>(
+fn simd_sequence<T: PoolElement>(
     query: &[f32],
     keys: &[T],
     values: &[T],
@@ -413,7 +411,7 @@ fn simd_sequence<T: Element>(
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-fn simd_sequence<T: Element>(
+fn simd_sequence<T: PoolElement>(
     _query: &[f32],
     _keys: &[T],
     _values: &[T],
@@ -427,7 +425,7 @@ fn simd_sequence<T: Element>(
 }
 
 /// One (sequence, KV head) in plain Rust.
-fn portable_head_group<T: Element>(
+fn portable_head_group<T: PoolElement>(
     query: &[f32],
     keys: &[T],
     values: &[T],
@@ -457,7 +455,7 @@ fn portable_head_group<T: Element>(
 }
 
 #[inline(always)]
-fn widen_into<T: Element>(src: &[T], dst: &mut [f32]) {
+fn widen_into<T: PoolElement>(src: &[T], dst: &mut [f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d = s.widen();
     }
@@ -664,5 +662,43 @@ mod tests {
         two.push([0]);
         two.push([1]);
         assert!(attend(&two, &q, &pool, &pool).is_err());
+    }
+
+    /// Prints the kernel's time on one layer of the default model's shapes at batch 32
+    /// (`cargo test --release -p tessera-shard --lib cpu_attention::tests::timing --
+    /// --ignored --nocapture`); a figure, not a check.
+    #[test]
+    #[ignore]
+    fn timing() {
+        let (heads, kv_heads, head_dim, batch, len) = (9i64, 3i64, 64i64, 32usize, 144usize);
+        let layers = 30usize;
+        let pool = (batch * len) as i64;
+        let opts = (Kind::BFloat16, Device::Cpu);
+        let pools: Vec<(Tensor, Tensor)> = (0..layers)
+            .map(|_| {
+                (
+                    Tensor::randn([pool, kv_heads, head_dim], opts),
+                    Tensor::randn([pool, kv_heads, head_dim], opts),
+                )
+            })
+            .collect();
+        let mut contexts = DecodeContexts::new();
+        for b in 0..batch {
+            contexts.push((0..len).map(|p| (b * len + p) as i64));
+        }
+        let q = Tensor::randn([batch as i64, heads, head_dim], opts);
+        let mut times = Vec::new();
+        for _ in 0..20 {
+            let start = std::time::Instant::now();
+            for (k, v) in &pools {
+                let _ = attend(&contexts, &q, k, v).unwrap();
+            }
+            times.push(start.elapsed().as_secs_f64() * 1e3 / layers as f64);
+        }
+        times.sort_by(f64::total_cmp);
+        println!(
+            "decode attention, batch {batch}, context {len}, bf16: median {:.3} ms per layer",
+            times[times.len() / 2]
+        );
     }
 }

@@ -1,0 +1,77 @@
+//! Plain-Rust kernels compiled a second time for AVX-512, chosen at run time.
+//!
+//! The crate targets baseline x86-64 (SSE2), so that one binary runs on any x86-64
+//! processor, and the compiler vectorizes plain loops only 4 lanes wide. The hot loops
+//! of the norm, the rotary embedding and sampling are simple enough for the compiler
+//! to vectorize 16 lanes wide when AVX-512 is allowed: [`avx512_variant!`] compiles
+//! such a loop a second time inside a function with those features and calls that one
+//! when the processor has them. (The loop must be `#[inline(always)]`: a closure
+//! passed to a function with target features is not inlined into it.)
+
+/// Whether this processor has the AVX-512 subsets the kernels are compiled for.
+pub fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The target features of the AVX-512 variants (what [`avx512`] checks).
+#[macro_export]
+macro_rules! avx512_features {
+    () => {
+        "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"
+    };
+}
+
+/// Defines `fn $name(args) -> R` that calls the `#[inline(always)]` function `$body`
+/// compiled for AVX-512 when [`avx512`] allows, and as is otherwise.
+#[macro_export]
+macro_rules! avx512_variant {
+    ($vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $body:ident) => {
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+                unsafe fn wide($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                if $crate::simd::avx512() {
+                    // SAFETY: `avx512` detected every feature `wide` is compiled for.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    #[inline(always)]
+    fn total_body(x: &[f32]) -> f32 {
+        x.iter().sum()
+    }
+
+    crate::avx512_variant!(fn total(x: &[f32]) -> f32 = total_body);
+
+    #[test]
+    fn a_variant_computes_what_its_body_does() {
+        let x: Vec<f32> = (0..100).map(|x| x as f32).collect();
+        assert_eq!(total(&x), 4950.0);
+        assert_eq!(total(&[]), 0.0);
+    }
+}
