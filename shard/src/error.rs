@@ -58,6 +58,8 @@ pub enum EngineError {
     Attention(String),
     #[error("rotary embedding: {0}")]
     Rotary(String),
+    #[error("MLP activation: {0}")]
+    Activation(String),
     #[error("RMSNorm: {0}")]
     Norm(String),
     #[error("compressing weights: {0}")]

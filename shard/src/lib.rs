@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cli;
 pub mod collectives;
 pub mod cpu_attention;
+pub mod cpu_mlp;
 pub mod cpu_norm;
 pub mod cpu_rotary;
 pub mod device;

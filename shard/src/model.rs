@@ -324,9 +324,13 @@ impl Llama {
             let x = self.rms_norm(&hidden, &layer.mlp_norm)?;
             let gate_up = layer.gate_up.forward(&x)?;
             let inter = self.part.intermediate.len() as i64;
-            let gate = gate_up.f_narrow(1, 0, inter)?;
-            let up = gate_up.f_narrow(1, inter, inter)?;
-            let act = gate.f_silu()?.f_mul(&up)?;
+            let act = if crate::cpu_mlp::supports(&gate_up) {
+                crate::cpu_mlp::silu_mul(&gate_up, inter as usize)?
+            } else {
+                let gate = gate_up.f_narrow(1, 0, inter)?;
+                let up = gate_up.f_narrow(1, inter, inter)?;
+                gate.f_silu()?.f_mul(&up)?
+            };
             hidden = hidden.f_add(&self.reduce(layer.down.forward(&act)?)?)?;
         }
         let last = hidden.f_index_select(0, &input.last_index)?;

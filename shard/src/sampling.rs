@@ -837,7 +837,7 @@ crate::avx512_variant!(fn exp_in_place(row: &mut [f32], max: f32, inv_t: f32, bl
 /// result) giving exactly 0. Branch-free so that loops over it vectorise;
 /// relative error below 3e-7 (a few ulp). NaN input gives 0.
 #[inline(always)]
-fn exp_nonpos(x: f32) -> f32 {
+pub(crate) fn exp_nonpos(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split so that k * LN2_HI is exact for |k| < 2^9.
     const LN2_HI: f32 = 0.693_145_75;
