@@ -11,6 +11,8 @@
 
 #include <ATen/ATen.h>
 
+#include "guarded.h"
+
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -27,26 +29,7 @@ struct tessera_group {
 
 namespace {
 
-void report(char* err, size_t len, const char* message) {
-  if (err != nullptr && len > 0) {
-    std::snprintf(err, len, "%s", message);
-  }
-}
-
-template <typename F>
-int guarded(char* err, size_t len, F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const c10::Error& e) {
-    report(err, len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    report(err, len, e.what());
-  } catch (...) {
-    report(err, len, "unknown C++ exception");
-  }
-  return 1;
-}
+using tessera::guarded;
 
 bool is_loopback(const std::string& host) {
   return host == "127.0.0.1" || host == "localhost" || host == "::1";

@@ -4,6 +4,8 @@
 // it once moves that work to load time. Tensors come from tch as `at::Tensor*`; every
 // function catches C++ exceptions and reports them through `err`.
 #include <ATen/ATen.h>
+
+#include "guarded.h"
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdint>
@@ -12,26 +14,7 @@
 
 namespace {
 
-void report(char* err, size_t len, const char* message) {
-  if (err != nullptr && len > 0) {
-    std::snprintf(err, len, "%s", message);
-  }
-}
-
-template <typename F>
-int guarded(char* err, size_t len, F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const c10::Error& e) {
-    report(err, len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    report(err, len, e.what());
-  } catch (...) {
-    report(err, len, "unknown C++ exception");
-  }
-  return 1;
-}
+using tessera::guarded;
 
 const c10::OperatorHandle& reorder_op() {
   static const c10::OperatorHandle op =
