@@ -87,10 +87,15 @@ impl PackedWeight {
         let packed = new_tensor("packing a linear weight", |out, err, len| unsafe {
             tessera_pack_linear_weight(w, PACK_ROWS, out, err, len)
         })?;
-        Ok(Self {
+        let packed = Self {
             packed,
             out_features,
-        })
+        };
+        // Some processors can pack but not multiply in bf16: one row is tried here, so
+        // that such a weight stays plain instead of failing every request later.
+        let probe = Tensor::f_zeros([1, weight.size()[1]], (Kind::BFloat16, Device::Cpu))?;
+        let _ = packed.forward(&probe)?;
+        Ok(packed)
     }
 
     /// `x @ weight^T` for a `[rows, in]` bf16 input.
