@@ -6,7 +6,8 @@
 //! `_weight_int4pack_mm_for_cpu`, groups of 32 with a scale and a zero point each,
 //! which is exactly Q4_0/Q4_1's format) and for the output head an int8 per-row copy;
 //! steps with at most [`SMALL_BATCH_ROWS`] rows use them, larger steps use the dense
-//! weight, whose matmuls are faster once the weight read is amortised.
+//! weight, whose matmuls are faster once the weight read is amortised. A dense bf16
+//! weight on the CPU is kept packed for oneDNN (see `packed_linear`).
 
 use half::f16;
 use tch::{Kind, Tensor};
