@@ -85,22 +85,8 @@ fn run<T: Element>(input: &Tensor, out: &Tensor, rows: usize, inter: usize) -> R
     }
 }
 
-/// One row, compiled for AVX-512 where available.
-fn silu_mul_row_best<T: Element>(gate: &[T], up: &[T], out: &mut [T]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::simd::avx512() {
-        // SAFETY: the processor has the features `silu_mul_row_avx512` is compiled for.
-        unsafe { silu_mul_row_avx512(gate, up, out) };
-        return;
-    }
-    silu_mul_row(gate, up, out);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-unsafe fn silu_mul_row_avx512<T: Element>(gate: &[T], up: &[T], out: &mut [T]) {
-    silu_mul_row(gate, up, out);
-}
+// One row, compiled for AVX-512 where available.
+crate::avx512_variant!(fn silu_mul_row_best<T: Element>(gate: &[T], up: &[T], out: &mut [T]) = silu_mul_row);
 
 #[inline(always)]
 fn silu_mul_row<T: Element>(gate: &[T], up: &[T], out: &mut [T]) {

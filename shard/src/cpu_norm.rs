@@ -109,36 +109,8 @@ fn run<T: Element>(
     }
 }
 
-/// Normalizes rows `span` into `target`, compiled for AVX-512 where available.
-fn norm_rows_best<T: Element>(
-    x: &[T],
-    weight: &[f32],
-    eps: f32,
-    span: std::ops::Range<usize>,
-    h: usize,
-    target: &Rows<T>,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::simd::avx512() {
-        // SAFETY: the processor has the features `norm_rows_avx512` is compiled for.
-        unsafe { norm_rows_avx512(x, weight, eps, span, h, target) };
-        return;
-    }
-    norm_rows(x, weight, eps, span, h, target);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-unsafe fn norm_rows_avx512<T: Element>(
-    x: &[T],
-    weight: &[f32],
-    eps: f32,
-    span: std::ops::Range<usize>,
-    h: usize,
-    target: &Rows<T>,
-) {
-    norm_rows(x, weight, eps, span, h, target);
-}
+// Normalizes rows `span` into `target`, compiled for AVX-512 where available.
+crate::avx512_variant!(fn norm_rows_best<T: Element>(x: &[T], weight: &[f32], eps: f32, span: std::ops::Range<usize>, h: usize, target: &Rows<T>) = norm_rows);
 
 #[inline(always)]
 fn norm_rows<T: Element>(

@@ -116,37 +116,9 @@ impl RotaryTable {
     }
 }
 
-/// Rotates heads `0..heads` of every `width`-wide row of `data` by the per-row angles
-/// (`half` cos and sin values per row), compiled for AVX-512 where available.
-fn rotate_rows_best<T: Element>(
-    data: &mut [T],
-    width: usize,
-    heads: usize,
-    half: usize,
-    cos: &[f32],
-    sin: &[f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::simd::avx512() {
-        // SAFETY: the processor has the features `rotate_rows_avx512` is compiled for.
-        unsafe { rotate_rows_avx512(data, width, heads, half, cos, sin) };
-        return;
-    }
-    rotate_rows(data, width, heads, half, cos, sin);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-unsafe fn rotate_rows_avx512<T: Element>(
-    data: &mut [T],
-    width: usize,
-    heads: usize,
-    half: usize,
-    cos: &[f32],
-    sin: &[f32],
-) {
-    rotate_rows(data, width, heads, half, cos, sin);
-}
+// Rotates heads `0..heads` of every `width`-wide row of `data` by the per-row angles
+// (`half` cos and sin values per row), compiled for AVX-512 where available.
+crate::avx512_variant!(fn rotate_rows_best<T: Element>(data: &mut [T], width: usize, heads: usize, half: usize, cos: &[f32], sin: &[f32]) = rotate_rows);
 
 #[inline(always)]
 fn rotate_rows<T: Element>(

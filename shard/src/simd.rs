@@ -29,24 +29,20 @@ pub fn avx512() -> bool {
     }
 }
 
-/// The target features of the AVX-512 variants (what [`avx512`] checks).
-#[macro_export]
-macro_rules! avx512_features {
-    () => {
-        "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"
-    };
-}
-
-/// Defines `fn $name(args) -> R` that calls the `#[inline(always)]` function `$body`
-/// compiled for AVX-512 when [`avx512`] allows, and as is otherwise.
+/// Defines `fn $name(args) -> R` (optionally generic over one parameter) that calls the
+/// `#[inline(always)]` function `$body` compiled for AVX-512 when [`avx512`] allows, and
+/// as is otherwise.
 #[macro_export]
 macro_rules! avx512_variant {
-    ($vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $body:ident) => {
-        $vis fn $name($($arg: $ty),*) -> $ret {
+    (
+        $vis:vis fn $name:ident $(<$g:ident: $bound:path>)?
+        ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $body:ident
+    ) => {
+        $vis fn $name $(<$g: $bound>)? ($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-                unsafe fn wide($($arg: $ty),*) -> $ret {
+                unsafe fn wide $(<$g: $bound>)? ($($arg: $ty),*) $(-> $ret)? {
                     $body($($arg),*)
                 }
                 if $crate::simd::avx512() {
@@ -68,10 +64,24 @@ mod tests {
 
     crate::avx512_variant!(fn total(x: &[f32]) -> f32 = total_body);
 
+    use crate::element::Element;
+
+    #[inline(always)]
+    fn double_body<T: Element>(x: &mut [T]) {
+        for v in x.iter_mut() {
+            *v = T::narrow(v.widen() * 2.0);
+        }
+    }
+
+    crate::avx512_variant!(fn double<T: Element>(x: &mut [T]) = double_body);
+
     #[test]
     fn a_variant_computes_what_its_body_does() {
         let x: Vec<f32> = (0..100).map(|x| x as f32).collect();
         assert_eq!(total(&x), 4950.0);
         assert_eq!(total(&[]), 0.0);
+        let mut y = vec![1.0f32, 2.5, -3.0];
+        double(&mut y);
+        assert_eq!(y, [2.0, 5.0, -6.0]);
     }
 }
