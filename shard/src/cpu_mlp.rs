@@ -60,8 +60,7 @@ fn run<T: Element>(input: &Tensor, out: &Tensor, rows: usize, inter: usize) -> R
     if rows * inter > 0 && (src == 0 || dst == 0) {
         return Err(mlp_error("storage is not addressable".into()));
     }
-    let task = |t: usize| {
-        let span = t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(rows);
+    let task = |span: std::ops::Range<usize>| {
         for r in span {
             // SAFETY: `input` is a contiguous `[rows, 2 * inter]` tensor of `T` and `out`
             // a fresh `[rows, inter]` one (checked in `silu_mul`), both alive until `run`
@@ -76,13 +75,7 @@ fn run<T: Element>(input: &Tensor, out: &Tensor, rows: usize, inter: usize) -> R
             silu_mul_row_best(gate, up, target);
         }
     };
-    let tasks = rows.div_ceil(ROWS_PER_TASK);
-    if tasks <= 1 {
-        (0..tasks).for_each(task);
-        Ok(())
-    } else {
-        parallel::for_each(tasks, &task).map_err(|e| mlp_error(e.to_string()))
-    }
+    parallel::for_each_span(rows, ROWS_PER_TASK, &task).map_err(|e| mlp_error(e.to_string()))
 }
 
 // One row, compiled for AVX-512 where available.

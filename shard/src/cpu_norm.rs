@@ -96,17 +96,10 @@ fn run<T: Element>(
     if out.numel() != rows * h || (rows * h > 0 && target.ptr.is_null()) {
         return Err(norm_error("output storage is not addressable".into()));
     }
-    let task = |t: usize| {
-        let span = t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(rows);
-        norm_rows_best(x, &weight, eps, span, h, &target);
-    };
-    let tasks = rows.div_ceil(ROWS_PER_TASK);
-    if tasks <= 1 {
-        (0..tasks).for_each(task);
-        Ok(())
-    } else {
-        parallel::for_each(tasks, &task).map_err(|e| norm_error(e.to_string()))
-    }
+    parallel::for_each_span(rows, ROWS_PER_TASK, &|span| {
+        norm_rows_best(x, &weight, eps, span, h, &target)
+    })
+    .map_err(|e| norm_error(e.to_string()))
 }
 
 // Normalizes rows `span` into `target`, compiled for AVX-512 where available.

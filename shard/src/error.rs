@@ -62,6 +62,8 @@ pub enum EngineError {
     Activation(String),
     #[error("RMSNorm: {0}")]
     Norm(String),
+    #[error("packed linear layer: {0}")]
+    PackedLinear(String),
     #[error("compressing weights: {0}")]
     Quantize(String),
     #[error("torch: {0}")]

@@ -44,7 +44,6 @@ extern "C" {
 /// A `[out, in]` weight in oneDNN's packed layout.
 pub struct PackedWeight {
     packed: Tensor,
-    out_features: i64,
 }
 
 /// Whether `weight` can be packed: bf16 on the CPU, 2-D.
@@ -63,7 +62,7 @@ fn new_tensor(
     if status != 0 || out.is_null() {
         let end = err.iter().position(|&b| b == 0).unwrap_or(ERR_LEN);
         let message = String::from_utf8_lossy(&err[..end]);
-        return Err(EngineError::Quantize(format!("{what}: {message}")));
+        return Err(EngineError::PackedLinear(format!("{what}: {message}")));
     }
     // SAFETY: on success the shim stored a new heap tensor in `out`, whose ownership
     // passes to the `Tensor` built here.
@@ -74,23 +73,19 @@ impl PackedWeight {
     /// Packs `weight` (see [`supports`]).
     pub fn pack(weight: &Tensor) -> Result<Self> {
         if !supports(weight) {
-            return Err(EngineError::Quantize(format!(
+            return Err(EngineError::PackedLinear(format!(
                 "packing needs a 2-D bf16 CPU weight, not {:?} on {:?}",
                 weight.kind(),
                 weight.device()
             )));
         }
-        let out_features = weight.size()[0];
         let mut weight = weight.f_contiguous()?;
         let w = weight.as_mut_ptr().cast();
         // SAFETY: `w` is alive for the call; the shim writes `out` only on success.
         let packed = new_tensor("packing a linear weight", |out, err, len| unsafe {
             tessera_pack_linear_weight(w, PACK_ROWS, out, err, len)
         })?;
-        let packed = Self {
-            packed,
-            out_features,
-        };
+        let packed = Self { packed };
         // Some processors can pack but not multiply in bf16: one row is tried here, so
         // that such a weight stays plain instead of failing every request later.
         let probe = Tensor::f_zeros([1, weight.size()[1]], (Kind::BFloat16, Device::Cpu))?;
@@ -109,11 +104,6 @@ impl PackedWeight {
             tessera_packed_linear(xp, wp, out, err, len)
         })
     }
-
-    /// Output features (rows of the original weight).
-    pub fn out_features(&self) -> i64 {
-        self.out_features
-    }
 }
 
 #[cfg(test)]
@@ -126,7 +116,6 @@ mod tests {
         let opts = (Kind::Float, Device::Cpu);
         let w = (Tensor::randn([300, 96], opts) * 0.1).to_kind(Kind::BFloat16);
         let packed = PackedWeight::pack(&w).unwrap();
-        assert_eq!(packed.out_features(), 300);
         for rows in [1i64, 5, 32, 77] {
             let x = Tensor::randn([rows, 96], opts).to_kind(Kind::BFloat16);
             let want = x.linear::<Tensor>(&w, None).to_kind(Kind::Float);

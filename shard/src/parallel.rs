@@ -75,6 +75,24 @@ pub fn for_each(n: usize, body: &(dyn Fn(usize) + Sync)) -> Result<(), ParallelE
     Ok(())
 }
 
+/// Calls `body(span)` for consecutive spans of at most `per_task` of `0..n`, on
+/// libtorch's threads when there is more than one span (inline otherwise, sparing the
+/// fork for small inputs).
+pub fn for_each_span(
+    n: usize,
+    per_task: usize,
+    body: &(dyn Fn(std::ops::Range<usize>) + Sync),
+) -> Result<(), ParallelError> {
+    let per_task = per_task.max(1);
+    let span = |t: usize| t * per_task..((t + 1) * per_task).min(n);
+    let tasks = n.div_ceil(per_task);
+    if tasks <= 1 {
+        (0..tasks).for_each(|t| body(span(t)));
+        return Ok(());
+    }
+    for_each(tasks, &|t| body(span(t)))
+}
+
 /// Splits items of the given costs into `bins` groups of nearly equal total cost
 /// (longest first, each to the least loaded group). Returns the item indices per group.
 pub fn balance(costs: &[usize], bins: usize) -> Vec<Vec<usize>> {
@@ -118,6 +136,24 @@ mod tests {
             }
         });
         assert_eq!(result, Err(ParallelError::Panicked));
+    }
+
+    #[test]
+    fn spans_cover_the_range_once() {
+        for (n, per_task) in [(0, 4), (3, 4), (4, 4), (10, 4), (100, 16), (5, 0)] {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            for_each_span(n, per_task, &|span| {
+                assert!(span.len() <= per_task.max(1));
+                for i in span {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .unwrap();
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                "{n} {per_task}"
+            );
+        }
     }
 
     #[test]
