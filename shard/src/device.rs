@@ -33,8 +33,12 @@ pub fn parse_device(name: &str) -> Result<Device> {
         },
     };
     if let Device::Cuda(i) = device {
-        if i as i64 >= Cuda::device_count() {
-            return Err(EngineError::DeviceUnavailable(name.to_string()));
+        let cuda_devices = Cuda::device_count();
+        if i as i64 >= cuda_devices {
+            return Err(EngineError::DeviceUnavailable {
+                name: name.to_string(),
+                cuda_devices,
+            });
         }
         prefer_fused_attention_kernels();
     }
@@ -64,5 +68,22 @@ mod tests {
         assert!(parse_kind("int3").is_err());
         assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
         assert!(parse_device("tpu").is_err());
+    }
+
+    #[test]
+    fn a_missing_gpu_is_named_with_the_devices_there_are() {
+        if Cuda::device_count() > 0 {
+            return; // this check is about machines without that GPU
+        }
+        let e = parse_device("cuda:1").unwrap_err().to_string();
+        assert!(e.contains("device cuda:1 is not available"), "{e}");
+        assert!(e.contains("no CUDA device is usable"), "{e}");
+        let two = EngineError::DeviceUnavailable {
+            name: "cuda:1".into(),
+            cuda_devices: 1,
+        }
+        .to_string();
+        assert!(two.contains("1 CUDA device(s), cuda:0 to cuda:0"), "{two}");
+        assert!(two.contains("one GPU per rank"), "{two}");
     }
 }

@@ -36,8 +36,8 @@ pub enum EngineError {
     BadDtype(String),
     #[error("unsupported device {0:?} (expected cpu, cuda or cuda:N)")]
     BadDevice(String),
-    #[error("device {0} is not available in this build or on this machine")]
-    DeviceUnavailable(String),
+    #[error("device {name} is not available: {}", device_count_note(*.cuda_devices))]
+    DeviceUnavailable { name: String, cuda_devices: i64 },
     #[error("request {id}: {message}")]
     Request { id: u64, message: String },
     #[error("batch: {0}")]
@@ -71,3 +71,15 @@ pub enum EngineError {
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// Why a CUDA device is missing, for [`EngineError::DeviceUnavailable`].
+fn device_count_note(cuda_devices: i64) -> String {
+    if cuda_devices <= 0 {
+        "no CUDA device is usable (a CPU-only build, or no GPU or driver on this machine)".into()
+    } else {
+        format!(
+            "this machine has {cuda_devices} CUDA device(s), cuda:0 to cuda:{}; with --device cuda, shard rank r uses cuda:r, one GPU per rank",
+            cuda_devices - 1
+        )
+    }
+}
