@@ -63,6 +63,10 @@ pub struct ServeArgs {
     /// cores shared out evenly with several).
     #[arg(long, env = "TESSERA_THREADS", default_value_t = 0)]
     pub threads: i32,
+    /// Shards compute each batch's next decode step while the router handles the last
+    /// one, hiding the router round trip (outputs are the same either way).
+    #[arg(long, env = "TESSERA_RUN_AHEAD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub run_ahead: bool,
     /// Name reported by /info and /v1/models.
     #[arg(long, env = "TESSERA_MODEL_ID")]
     pub model_id: Option<String>,
@@ -296,7 +300,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 .args(["--dtype", &args.dtype, "--device", &device])
                 .args(["--kv-tokens", &args.kv_tokens.to_string()])
                 .args(["--block-size", &args.block_size.to_string()])
-                .args(["--threads", &threads.to_string()]);
+                .args(["--threads", &threads.to_string()])
+                .args(["--run-ahead", &args.run_ahead.to_string()]);
             if let Some(model) = &args.model {
                 cmd.arg("--model").arg(model);
             }

@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// Name reported to clients; defaults to the model file or folder name.
     #[arg(long, env = "TESSERA_MODEL_ID")]
     pub model_id: Option<String>,
+    /// Compute each batch's next decode step while the router handles the last one
+    /// (hides the router round trip; outputs are the same either way).
+    #[arg(long, env = "TESSERA_RUN_AHEAD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub run_ahead: bool,
     /// Log as JSON lines.
     #[arg(long, env = "TESSERA_JSON_OUTPUT")]
     pub json_output: bool,
@@ -153,9 +157,10 @@ fn load_and_serve(args: ServeArgs, runtime: &tokio::runtime::Runtime) -> anyhow:
         eos_token_ids: engine.eos_ids().to_vec(),
     };
     let (tx, rx) = mpsc::channel(64);
+    let run_ahead = args.run_ahead;
     let engine_thread = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || worker::run(engine, rx))
+        .spawn(move || worker::run(engine, rx, run_ahead))
         .context("starting the engine thread")?;
     let service = service::ShardService {
         commands: tx,

@@ -1,6 +1,25 @@
 //! The engine thread: owns the engine and every cached batch, and executes one
 //! command at a time from the gRPC handlers. libtorch calls block, so they run
 //! on this dedicated OS thread, never on the async runtime.
+//!
+//! Run-ahead: right after answering a decode step, the thread already computes the
+//! next step of the batch it just returned, while the answer travels to the router
+//! and the router's next `Decode` travels back. That `Decode` then finds its tokens
+//! ready, so the round trip (gRPC, the router's batching task, task wake-ups) no
+//! longer adds to the time per token. The step is the one the router would ask for
+//! anyway (every sequence advances by exactly one token per `Decode`, sampled with
+//! the same random stream), so outputs do not change:
+//! - batches that join in that `Decode` (fresh from a prefill) are merged without a
+//!   step of their own and advance with the others in the next run-ahead step, so
+//!   they cost no extra forward pass; their first decoded token comes one `Decode`
+//!   later;
+//! - a sequence that finishes during a run-ahead step stays in the batch until the
+//!   `Decode` that delivers its last token;
+//! - `FilterBatch` drops the run-ahead tokens of the requests it removes, and
+//!   `ClearCache` drops them with their batch.
+//!
+//! The decision to run ahead depends only on the commands received, never on timing,
+//! so all ranks of a tensor-parallel group take the same steps in the same order.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -68,12 +87,14 @@ pub enum Command {
     },
 }
 
-/// Runs until every sender is dropped.
-pub fn run(mut engine: Engine, mut commands: mpsc::Receiver<Command>) {
+/// Runs until every sender is dropped. With `run_ahead`, each decode step is
+/// followed at once by the next one (see the module documentation).
+pub fn run(mut engine: Engine, mut commands: mpsc::Receiver<Command>, run_ahead: bool) {
     // Gradient tracking is per thread in libtorch.
     let _no_grad = tch::no_grad_guard();
     let mut worker = Worker {
         batches: HashMap::new(),
+        ahead: None,
     };
     while let Some(command) = commands.blocking_recv() {
         // A reply nobody waits for any more (the router hung up) is not an error here.
@@ -98,9 +119,24 @@ pub fn run(mut engine: Engine, mut commands: mpsc::Receiver<Command>) {
                 span,
                 reply,
             } => {
-                let _span =
-                    info_span!(parent: &span, "worker_decode", batches = batch_ids.len()).entered();
-                let _ = reply.send(worker.decode(&mut engine, &batch_ids));
+                let result = {
+                    let _span =
+                        info_span!(parent: &span, "worker_decode", batches = batch_ids.len())
+                            .entered();
+                    worker.decode(&mut engine, &batch_ids)
+                };
+                let next = match &result {
+                    Ok(StepOutput {
+                        batch: Some(batch), ..
+                    }) if run_ahead => Some(batch.id),
+                    _ => None,
+                };
+                let _ = reply.send(result);
+                if let Some(batch_id) = next {
+                    let _span =
+                        info_span!(parent: &span, "worker_decode_ahead", batch_id).entered();
+                    worker.run_ahead(&mut engine, batch_id);
+                }
             }
             Command::Filter {
                 batch_id,
@@ -110,12 +146,7 @@ pub fn run(mut engine: Engine, mut commands: mpsc::Receiver<Command>) {
                 let _ = reply.send(worker.filter(batch_id, &keep));
             }
             Command::Clear { batch_id, reply } => {
-                match batch_id {
-                    Some(id) => {
-                        worker.batches.remove(&id);
-                    }
-                    None => worker.batches.clear(),
-                }
+                worker.clear(batch_id);
                 let _ = reply.send(());
             }
             Command::Warmup {
@@ -140,8 +171,17 @@ pub fn run(mut engine: Engine, mut commands: mpsc::Receiver<Command>) {
     }
 }
 
+/// A decode step taken ahead of the router's request for it.
+struct Ahead {
+    batch_id: u64,
+    /// Its generations and forward time, or the error it failed with (reported to
+    /// the `Decode` that asks for the batch).
+    result: Result<(Vec<Generation>, u64)>,
+}
+
 struct Worker {
     batches: HashMap<u64, Batch>,
+    ahead: Option<Ahead>,
 }
 
 impl Worker {
@@ -179,22 +219,72 @@ impl Worker {
                 "batch {missing} is not cached on this shard"
             )));
         }
-        let mut batch = Batch::default();
+        let ready = match &self.ahead {
+            Some(a) if batch_ids.contains(&a.batch_id) => self.ahead.take(),
+            _ => None,
+        };
+        // The batch stepped ahead (if any), and the others, which need a step now.
+        let mut stepped = Batch::default();
+        let mut fresh = Batch::default();
         for id in batch_ids {
             if let Some(b) = self.batches.remove(id) {
-                batch.merge(b);
+                if ready.as_ref().is_some_and(|a| a.batch_id == *id) {
+                    stepped.merge(b);
+                } else {
+                    fresh.merge(b);
+                }
             }
         }
-        let forward_start = Instant::now();
         // On an error the merged batch is dropped: its requests fail in the router.
-        let generations = engine.decode(&mut batch)?;
-        let forward_ns = forward_start.elapsed().as_nanos() as u64;
+        let (generations, forward_ns) = match ready {
+            Some(ahead) => {
+                let (generations, forward_ns) = ahead.result?;
+                // The newcomers advance with the others in the next step.
+                stepped.merge(fresh);
+                (generations, forward_ns)
+            }
+            None => {
+                let forward_start = Instant::now();
+                let generations = engine.decode(&mut fresh)?;
+                stepped = fresh;
+                (generations, forward_start.elapsed().as_nanos() as u64)
+            }
+        };
         Ok(StepOutput {
             generations,
-            batch: self.keep_unfinished(first, batch),
+            batch: self.keep_unfinished(first, stepped),
             forward_ns,
             total_ns: start.elapsed().as_nanos() as u64,
         })
+    }
+
+    /// Takes the next decode step of cached batch `batch_id` now, for the `Decode`
+    /// that will ask for it.
+    fn run_ahead(&mut self, engine: &mut Engine, batch_id: u64) {
+        let Some(batch) = self.batches.get_mut(&batch_id) else {
+            return;
+        };
+        let start = Instant::now();
+        let result = engine
+            .decode(batch)
+            .map(|generations| (generations, start.elapsed().as_nanos() as u64));
+        self.ahead = Some(Ahead { batch_id, result });
+    }
+
+    /// Forgets cached batch `batch_id` (all of them with `None`) and its run-ahead step.
+    fn clear(&mut self, batch_id: Option<u64>) {
+        match batch_id {
+            Some(id) => {
+                self.batches.remove(&id);
+                if self.ahead.as_ref().is_some_and(|a| a.batch_id == id) {
+                    self.ahead = None;
+                }
+            }
+            None => {
+                self.batches.clear();
+                self.ahead = None;
+            }
+        }
     }
 
     fn keep_unfinished(&mut self, id: u64, mut batch: Batch) -> Option<CachedBatch> {
@@ -215,7 +305,26 @@ impl Worker {
             EngineError::Batch(format!("batch {batch_id} is not cached on this shard"))
         })?;
         batch.filter(keep);
-        Ok(self.keep_unfinished(batch_id, batch))
+        match self.ahead.as_mut() {
+            Some(ahead) if ahead.batch_id == batch_id => {
+                if let Ok((generations, _)) = &mut ahead.result {
+                    generations.retain(|g| keep.contains(&g.request_id));
+                }
+                if batch.is_empty() {
+                    self.ahead = None;
+                    return Ok(None);
+                }
+                // Sequences that finished in the run-ahead step stay until the next
+                // `Decode` delivers their last token.
+                let cached = CachedBatch {
+                    id: batch_id,
+                    request_ids: batch.ids(),
+                };
+                self.batches.insert(batch_id, batch);
+                Ok(Some(cached))
+            }
+            _ => Ok(self.keep_unfinished(batch_id, batch)),
+        }
     }
 }
 
@@ -265,4 +374,168 @@ fn warmup(engine: &mut Engine, max_prefill_tokens: u32, max_batch_size: u32) -> 
         warn!("warmup batch lost sequences");
     }
     Ok(capacity)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::engine::EngineConfig;
+
+    fn tiny_engine() -> Engine {
+        let path =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/reference/tiny-llama");
+        Engine::load(
+            &path,
+            &EngineConfig {
+                kind: tch::Kind::Float,
+                max_kv_tokens: 2048,
+                ..EngineConfig::default()
+            },
+        )
+        .unwrap()
+    }
+
+    /// Request `id`: a prompt of its own, `new_tokens` tokens, sampled with a seed
+    /// (so that a changed random stream would show), in blocks of its own.
+    fn request(id: u64, new_tokens: u32) -> GenerateRequest {
+        let prompt: Vec<u32> = (0..3 + id as u32)
+            .map(|p| 5 + (id as u32 * 13 + p * 7) % 50)
+            .collect();
+        GenerateRequest {
+            id,
+            prompt,
+            sampling: SamplingParams {
+                do_sample: true,
+                temperature: 0.8,
+                seed: Some(id),
+                ..SamplingParams::default()
+            },
+            stopping: StoppingCriteria {
+                max_new_tokens: new_tokens,
+                ignore_eos: true,
+                ..StoppingCriteria::default()
+            },
+            block_table: (id as u32 * 4..id as u32 * 4 + 4).collect(),
+        }
+    }
+
+    struct Driver {
+        tx: mpsc::Sender<Command>,
+        tokens: BTreeMap<u64, Vec<u32>>,
+        finished: Vec<u64>,
+        batch_ids: Vec<u64>,
+    }
+
+    impl Driver {
+        fn absorb(&mut self, out: StepOutput) {
+            for g in out.generations {
+                self.tokens
+                    .entry(g.request_id)
+                    .or_default()
+                    .push(g.token_id);
+                if g.finish_reason.is_some() {
+                    self.finished.push(g.request_id);
+                }
+            }
+            self.batch_ids = out.batch.map(|b| vec![b.id]).unwrap_or_default();
+        }
+
+        fn prefill(&mut self, batch_id: u64, requests: Vec<GenerateRequest>) {
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .blocking_send(Command::Prefill {
+                    batch_id,
+                    requests,
+                    span: Span::none(),
+                    reply,
+                })
+                .unwrap();
+            let out = rx.blocking_recv().unwrap().unwrap();
+            let joined = out.batch.as_ref().map(|b| b.id);
+            let before = std::mem::take(&mut self.batch_ids);
+            self.absorb(out);
+            self.batch_ids = before.into_iter().chain(joined).collect();
+        }
+
+        fn decode(&mut self) {
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .blocking_send(Command::Decode {
+                    batch_ids: self.batch_ids.clone(),
+                    span: Span::none(),
+                    reply,
+                })
+                .unwrap();
+            let out = rx.blocking_recv().unwrap().unwrap();
+            self.absorb(out);
+        }
+
+        fn filter(&mut self, keep: Vec<u64>) {
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .blocking_send(Command::Filter {
+                    batch_id: self.batch_ids[0],
+                    keep,
+                    reply,
+                })
+                .unwrap();
+            self.batch_ids = rx
+                .blocking_recv()
+                .unwrap()
+                .unwrap()
+                .map(|b| vec![b.id])
+                .unwrap_or_default();
+        }
+    }
+
+    /// What a router sees: request 0 and 1 start, 2 joins after two steps, 1 is
+    /// cancelled after four, 3 joins after five; every request finishes (1 excepted).
+    fn serve(run_ahead: bool) -> (BTreeMap<u64, Vec<u32>>, Vec<u64>) {
+        let (tx, rx) = mpsc::channel(8);
+        let thread = std::thread::spawn(move || run(tiny_engine(), rx, run_ahead));
+        let mut d = Driver {
+            tx,
+            tokens: BTreeMap::new(),
+            finished: Vec::new(),
+            batch_ids: Vec::new(),
+        };
+        d.prefill(10, vec![request(0, 9), request(1, 12)]);
+        for step in 0..40 {
+            if step == 2 {
+                d.prefill(11, vec![request(2, 4)]);
+            }
+            if step == 4 {
+                d.filter(vec![0, 2]);
+            }
+            if step == 5 {
+                d.prefill(12, vec![request(3, 6)]);
+            }
+            if d.batch_ids.is_empty() {
+                break;
+            }
+            d.decode();
+        }
+        drop(d.tx);
+        thread.join().unwrap();
+        d.finished.sort_unstable();
+        (d.tokens, d.finished)
+    }
+
+    #[test]
+    fn running_ahead_changes_no_token_and_loses_no_request() {
+        let (plain, plain_finished) = serve(false);
+        let (ahead, ahead_finished) = serve(true);
+        assert_eq!(plain_finished, vec![0, 2, 3]);
+        assert_eq!(ahead_finished, plain_finished);
+        assert_eq!(plain[&0].len(), 9);
+        assert_eq!(plain[&2].len(), 4);
+        assert_eq!(plain[&3].len(), 6);
+        // Request 1 was cancelled: with run-ahead it may have been one token further
+        // on the shard, but that token is never delivered.
+        assert_eq!(ahead[&1], plain[&1]);
+        assert_eq!(ahead, plain);
+    }
 }
