@@ -664,41 +664,46 @@ mod tests {
         assert!(attend(&two, &q, &pool, &pool).is_err());
     }
 
-    /// Prints the kernel's time on one layer of the default model's shapes at batch 32
+    /// Prints the kernel's time on one layer of the default model's shapes at batch 32,
+    /// contexts of 144 and 576 tokens, with the KV bytes it reads per second
     /// (`cargo test --release -p tessera-shard --lib cpu_attention::tests::timing --
-    /// --ignored --nocapture`); a figure, not a check.
+    /// --ignored --nocapture`); figures, not a check.
     #[test]
     #[ignore]
     fn timing() {
-        let (heads, kv_heads, head_dim, batch, len) = (9i64, 3i64, 64i64, 32usize, 144usize);
+        let (heads, kv_heads, head_dim, batch) = (9i64, 3i64, 64i64, 32usize);
         let layers = 30usize;
-        let pool = (batch * len) as i64;
         let opts = (Kind::BFloat16, Device::Cpu);
-        let pools: Vec<(Tensor, Tensor)> = (0..layers)
-            .map(|_| {
-                (
-                    Tensor::randn([pool, kv_heads, head_dim], opts),
-                    Tensor::randn([pool, kv_heads, head_dim], opts),
-                )
-            })
-            .collect();
-        let mut contexts = DecodeContexts::new();
-        for b in 0..batch {
-            contexts.push((0..len).map(|p| (b * len + p) as i64));
-        }
-        let q = Tensor::randn([batch as i64, heads, head_dim], opts);
-        let mut times = Vec::new();
-        for _ in 0..20 {
-            let start = std::time::Instant::now();
-            for (k, v) in &pools {
-                let _ = attend(&contexts, &q, k, v).unwrap();
+        for len in [144usize, 576] {
+            let pool = (batch * len) as i64;
+            let pools: Vec<(Tensor, Tensor)> = (0..layers)
+                .map(|_| {
+                    (
+                        Tensor::randn([pool, kv_heads, head_dim], opts),
+                        Tensor::randn([pool, kv_heads, head_dim], opts),
+                    )
+                })
+                .collect();
+            let mut contexts = DecodeContexts::new();
+            for b in 0..batch {
+                contexts.push((0..len).map(|p| (b * len + p) as i64));
             }
-            times.push(start.elapsed().as_secs_f64() * 1e3 / layers as f64);
+            let q = Tensor::randn([batch as i64, heads, head_dim], opts);
+            let mut times = Vec::new();
+            for _ in 0..20 {
+                let start = std::time::Instant::now();
+                for (k, v) in &pools {
+                    let _ = attend(&contexts, &q, k, v).unwrap();
+                }
+                times.push(start.elapsed().as_secs_f64() * 1e3 / layers as f64);
+            }
+            times.sort_by(f64::total_cmp);
+            let ms = times[times.len() / 2];
+            let bytes = 2.0 * (batch * len) as f64 * (kv_heads * head_dim) as f64 * 2.0;
+            println!(
+                "decode attention, batch {batch}, context {len}, bf16: median {ms:.3} ms per layer, {:.1} GB/s of KV",
+                bytes / ms / 1e6
+            );
         }
-        times.sort_by(f64::total_cmp);
-        println!(
-            "decode attention, batch {batch}, context {len}, bf16: median {:.3} ms per layer",
-            times[times.len() / 2]
-        );
     }
 }
