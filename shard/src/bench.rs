@@ -74,6 +74,10 @@ pub struct Figures {
     /// (batch size, seconds in collectives per decode step, share of the step), medians.
     #[serde(default)]
     pub decode_collectives: Vec<(usize, f64, f64)>,
+    /// With `TESSERA_STAGE_TIMING=1`: (batch size, [(stage, seconds per decode step)]),
+    /// means over the timed steps (see `stage_timing`).
+    #[serde(default)]
+    pub decode_stages: Vec<(usize, Vec<(String, f64)>)>,
 }
 
 /// Largest number of prompt tokens prefilled in one forward pass by the decode benchmark.
@@ -187,6 +191,20 @@ fn print_figures(f: &Figures) {
             share * 100.0
         );
     }
+    for (b, stage_times) in &f.decode_stages {
+        let total: f64 = stage_times.iter().map(|s| s.1).sum();
+        println!(
+            "  decode batch {b:>3} by stage (timed, {:.2} ms per step):",
+            total * 1e3
+        );
+        for (name, seconds) in stage_times {
+            println!(
+                "    {name:<16} {:>8.3} ms {:>5.1}%",
+                seconds * 1e3,
+                100.0 * seconds / total.max(1e-12)
+            );
+        }
+    }
     println!("  peak RSS             {:>9.1} MiB", f.peak_rss_mib);
 }
 
@@ -267,6 +285,7 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
 
     let mut decode = Vec::new();
     let mut collectives = Vec::new();
+    let mut stages = Vec::new();
     let warmup = 2;
     for &b in &args.batch_sizes {
         let steps = (args.decode_steps + warmup + 1) as u32;
@@ -287,6 +306,9 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
         let mut times = Vec::new();
         let mut exchange = Vec::new();
         for step in 0..warmup + args.decode_steps {
+            if step == warmup {
+                crate::stage_timing::take();
+            }
             let before = engine.collective_time().seconds;
             let t = Instant::now();
             let generations = engine.decode(&mut batch)?;
@@ -305,6 +327,14 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
         }
         let step = median(times);
         decode.push((b, b as f64 / step));
+        let per_step = 1.0 / args.decode_steps.max(1) as f64;
+        let stage_times: Vec<(String, f64)> = crate::stage_timing::take()
+            .into_iter()
+            .map(|(name, seconds)| (name.to_string(), seconds * per_step))
+            .collect();
+        if !stage_times.is_empty() {
+            stages.push((b, stage_times));
+        }
         if args.world_size > 1 {
             let seconds = median(exchange.iter().map(|e| e.0).collect());
             let share = median(exchange.iter().map(|e| e.1).collect());
@@ -325,6 +355,7 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
         peak_rss_mib: peak_rss_mib(),
         world_size: args.world_size.max(1),
         decode_collectives: collectives,
+        decode_stages: stages,
     })
 }
 

@@ -25,6 +25,7 @@ pub mod quant_matmul;
 pub mod sampling;
 pub mod server;
 pub mod simd;
+pub mod stage_timing;
 pub mod stopping;
 pub mod weights;
 

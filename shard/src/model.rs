@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::linear::{Int4Codes, Linear};
 use crate::partition::Partition;
+use crate::stage_timing::mark;
 use crate::weights::{Slice, WeightSource};
 
 struct Layer {
@@ -285,12 +286,15 @@ impl Llama {
             Rotary::Operators(cos, sin)
         };
         let mut hidden = self.embed_tokens(&input.tokens)?;
+        mark("embedding");
         for (i, layer) in self.layers.iter().enumerate() {
             let x = self.rms_norm(&hidden, &layer.attn_norm)?;
+            mark("norms");
             let mut qkv = layer.qkv.forward(&x)?;
             if let Some(bias) = &layer.qkv_bias {
                 qkv = qkv.f_add(bias)?;
             }
+            mark("qkv_proj");
             // Rotary embedding on the query and key heads together, in one pass.
             let qk = match &rotary {
                 Rotary::InPlace(table) => {
@@ -305,12 +309,14 @@ impl Llama {
                     Self::apply_rotary(&qk, cos, sin)?
                 }
             };
+            mark("rotary");
             let q = qk.f_narrow(1, 0, nh)?;
             let k = qk.f_narrow(1, nh, nkv)?;
             let v = qkv
                 .f_narrow(1, (nh + nkv) * hd, nkv * hd)?
                 .f_view([t, nkv, hd])?;
             cache.write(i, &input.slots, &input.slots_host, &k, &v)?;
+            mark("kv_write");
             let attn = attention::attend(
                 &input.attention,
                 &q,
@@ -320,9 +326,13 @@ impl Llama {
                 &cache.values[i],
                 nkv,
             )?;
+            mark("attention");
             hidden = hidden.f_add(&self.reduce(layer.o_proj.forward(&attn)?)?)?;
+            mark("o_proj");
             let x = self.rms_norm(&hidden, &layer.mlp_norm)?;
+            mark("norms");
             let gate_up = layer.gate_up.forward(&x)?;
+            mark("gate_up_proj");
             let inter = self.part.intermediate.len() as i64;
             let act = if crate::cpu_mlp::supports(&gate_up) {
                 crate::cpu_mlp::silu_mul(&gate_up, inter as usize)?
@@ -331,12 +341,16 @@ impl Llama {
                 let up = gate_up.f_narrow(1, inter, inter)?;
                 gate.f_silu()?.f_mul(&up)?
             };
+            mark("activation");
             hidden = hidden.f_add(&self.reduce(layer.down.forward(&act)?)?)?;
+            mark("down_proj");
         }
         let last = hidden.f_index_select(0, &input.last_index)?;
         let last = self.rms_norm(&last, &self.norm)?;
         let logits = self.lm_head.forward_f32(&last)?;
-        Ok(self.gather_vocab(logits)?.f_to_kind(Kind::Float)?)
+        let logits = self.gather_vocab(logits)?.f_to_kind(Kind::Float)?;
+        mark("lm_head");
+        Ok(logits)
     }
 
     /// Sums a row-parallel layer's partial outputs over the ranks.
