@@ -95,6 +95,7 @@ pub fn run(mut engine: Engine, mut commands: mpsc::Receiver<Command>, run_ahead:
     let mut worker = Worker {
         batches: HashMap::new(),
         ahead: None,
+        timed_steps: 0,
     };
     while let Some(command) = commands.blocking_recv() {
         // A reply nobody waits for any more (the router hung up) is not an error here.
@@ -137,6 +138,7 @@ pub fn run(mut engine: Engine, mut commands: mpsc::Receiver<Command>, run_ahead:
                         info_span!(parent: &span, "worker_decode_ahead", batch_id).entered();
                     worker.run_ahead(&mut engine, batch_id);
                 }
+                worker.report_stages();
             }
             Command::Filter {
                 batch_id,
@@ -182,7 +184,12 @@ struct Ahead {
 struct Worker {
     batches: HashMap<u64, Batch>,
     ahead: Option<Ahead>,
+    /// Decode steps since the last stage report (`TESSERA_STAGE_TIMING=1`).
+    timed_steps: u32,
 }
+
+/// Decode steps per stage report in the log.
+const STAGE_REPORT_STEPS: u32 = 200;
 
 impl Worker {
     fn prefill(
@@ -269,6 +276,30 @@ impl Worker {
             .decode(batch)
             .map(|generations| (generations, start.elapsed().as_nanos() as u64));
         self.ahead = Some(Ahead { batch_id, result });
+    }
+
+    /// With `TESSERA_STAGE_TIMING=1`, logs the mean time per decode step of each stage
+    /// (see `stage_timing`) every [`STAGE_REPORT_STEPS`] `Decode` commands.
+    fn report_stages(&mut self) {
+        if !crate::stage_timing::enabled() {
+            return;
+        }
+        self.timed_steps += 1;
+        if self.timed_steps < STAGE_REPORT_STEPS {
+            return;
+        }
+        let steps = f64::from(std::mem::take(&mut self.timed_steps));
+        let stages = crate::stage_timing::take();
+        let total: f64 = stages.iter().map(|s| s.1).sum::<f64>() / steps;
+        let breakdown: Vec<String> = stages
+            .iter()
+            .map(|(name, seconds)| format!("{name} {:.3}", seconds / steps * 1e3))
+            .collect();
+        tracing::info!(
+            "decode stages, ms per step over {steps} steps ({:.2} ms timed): {}",
+            total * 1e3,
+            breakdown.join(", ")
+        );
     }
 
     /// Forgets cached batch `batch_id` (all of them with `None`) and its run-ahead step.
