@@ -441,13 +441,20 @@ impl Engine {
     /// Advances every unfinished sequence of `batch` by one token.
     #[instrument(skip_all, fields(batch = batch.len()))]
     pub fn decode(&mut self, batch: &mut Batch) -> Result<Vec<Generation>> {
+        stage_timing::start(self.model.device());
+        // Stopped on every path, errors included, so no later prefill counts as a stage.
+        let generations = self.decode_step(batch);
+        stage_timing::finish();
+        generations
+    }
+
+    fn decode_step(&mut self, batch: &mut Batch) -> Result<Vec<Generation>> {
         let mut active: Vec<usize> = (0..batch.seqs.len())
             .filter(|&i| batch.seqs[i].finished.is_none())
             .collect();
         if active.is_empty() {
             return Ok(Vec::new());
         }
-        stage_timing::start(self.model.device());
         // Shortest contexts first, so that sequences of similar lengths can share an
         // attention group (the linear layers do not care about the order).
         active.sort_by_key(|&i| batch.seqs[i].tokens.len());
@@ -489,9 +496,7 @@ impl Engine {
         stage_timing::mark("step_inputs");
         let logits = self.model.forward(&mut self.cache, &input)?;
         let mut view = ActiveView { batch, active };
-        let generations = self.sample_active(&mut view, &logits);
-        stage_timing::finish();
-        generations
+        self.sample_active(&mut view, &logits)
     }
 
     /// Gather indices and masks for the grouped decode attention (devices other than
@@ -565,16 +570,15 @@ impl Engine {
             flat.f_copy_data(&mut rows, n)?;
             return Ok(rows);
         }
-        let capacity = self.pinned_logits.as_ref().map_or(0, Tensor::numel);
-        if capacity < n {
-            let staging = Tensor::f_empty([n as i64], (Kind::Float, Device::Cpu))?
-                .f_pin_memory(flat.device())?;
-            self.pinned_logits = Some(staging);
-        }
-        let staging = self
-            .pinned_logits
-            .as_ref()
-            .ok_or_else(|| EngineError::Batch("no staging buffer for the logits".into()))?;
+        let staging = match &self.pinned_logits {
+            Some(staging) if staging.numel() >= n => staging.shallow_clone(),
+            _ => {
+                let staging = Tensor::f_empty([n as i64], (Kind::Float, Device::Cpu))?
+                    .f_pin_memory(flat.device())?;
+                self.pinned_logits = Some(staging.shallow_clone());
+                staging
+            }
+        };
         let mut window = staging.f_narrow(0, 0, n as i64)?;
         window.f_copy_(&flat)?;
         window.f_copy_data(&mut rows, n)?;

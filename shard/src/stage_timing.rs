@@ -42,8 +42,9 @@ pub fn enabled() -> bool {
         })
 }
 
-/// Turns timing on for this process regardless of the environment (tests).
-pub fn force() {
+/// Turns timing on for this process regardless of the environment.
+#[cfg(test)]
+fn force() {
     FORCED.store(true, Ordering::Relaxed);
 }
 

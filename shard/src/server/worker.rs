@@ -320,6 +320,11 @@ impl Worker {
 
     fn keep_unfinished(&mut self, id: u64, mut batch: Batch) -> Option<CachedBatch> {
         batch.remove_finished();
+        self.cache(id, batch)
+    }
+
+    /// Caches `batch` under `id` unless it is empty.
+    fn cache(&mut self, id: u64, batch: Batch) -> Option<CachedBatch> {
         if batch.is_empty() {
             return None;
         }
@@ -341,18 +346,13 @@ impl Worker {
                 if let Ok((generations, _)) = &mut ahead.result {
                     generations.retain(|g| keep.contains(&g.request_id));
                 }
-                if batch.is_empty() {
-                    self.ahead = None;
-                    return Ok(None);
-                }
                 // Sequences that finished in the run-ahead step stay until the next
                 // `Decode` delivers their last token.
-                let cached = CachedBatch {
-                    id: batch_id,
-                    request_ids: batch.ids(),
-                };
-                self.batches.insert(batch_id, batch);
-                Ok(Some(cached))
+                let cached = self.cache(batch_id, batch);
+                if cached.is_none() {
+                    self.ahead = None;
+                }
+                Ok(cached)
             }
             _ => Ok(self.keep_unfinished(batch_id, batch)),
         }
