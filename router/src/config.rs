@@ -68,6 +68,11 @@ pub struct BatchingConfig {
     /// Waiting requests are prefilled at once when they are at least this share of the running ones.
     #[arg(long, env = "TESSERA_WAITING_SERVED_RATIO", default_value_t = 0.3)]
     pub waiting_served_ratio: f32,
+    /// Running requests take their decode step inside the prefill that admits new
+    /// ones, so one forward pass reads the weights for both (outputs are the same
+    /// either way); false runs the two passes apart.
+    #[arg(long, env = "TESSERA_DECODE_IN_PREFILL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub decode_in_prefill: bool,
 }
 
 impl Default for BatchingConfig {
@@ -78,6 +83,7 @@ impl Default for BatchingConfig {
             max_batch_size: 128,
             max_waiting_tokens: 20,
             waiting_served_ratio: 0.3,
+            decode_in_prefill: true,
         }
     }
 }

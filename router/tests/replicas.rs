@@ -52,6 +52,19 @@ struct FakeShard {
 }
 
 impl FakeShard {
+    /// Removes the cached batches `ids` and returns their requests.
+    fn take(&self, ids: &[u64]) -> Result<Vec<Seq>, Status> {
+        let mut batches = self.batches.lock().unwrap();
+        let mut seqs = Vec::new();
+        for id in ids {
+            let batch = batches
+                .remove(id)
+                .ok_or_else(|| Status::not_found(format!("no batch {id}")))?;
+            seqs.extend(batch);
+        }
+        Ok(seqs)
+    }
+
     fn check(&self) -> Result<(), Status> {
         if self.failing.load(Ordering::SeqCst) {
             Err(Status::unavailable("the fake shard was killed"))
@@ -164,23 +177,26 @@ impl TextGenerationService for Service {
         self.0.check()?;
         tokio::time::sleep(self.0.step).await;
         self.0.check()?;
+        let request = request.into_inner();
         let batch = request
-            .into_inner()
             .batch
             .ok_or_else(|| Status::invalid_argument("no batch"))?;
         self.0
             .prefilled
             .fetch_add(batch.requests.len() as u64, Ordering::SeqCst);
-        let seqs = batch
-            .requests
-            .iter()
-            .map(|r| Seq {
-                id: r.id,
-                generated: 0,
-                max_new_tokens: r.stopping.as_ref().map_or(1, |s| s.max_new_tokens),
-            })
-            .collect();
-        let (generations, batch) = self.0.step(batch.id, seqs);
+        // Running batches step with the newcomers, merged under the first one's id.
+        let mut seqs = self.0.take(&request.decode_batch_ids)?;
+        seqs.extend(batch.requests.iter().map(|r| Seq {
+            id: r.id,
+            generated: 0,
+            max_new_tokens: r.stopping.as_ref().map_or(1, |s| s.max_new_tokens),
+        }));
+        let id = request
+            .decode_batch_ids
+            .first()
+            .copied()
+            .unwrap_or(batch.id);
+        let (generations, batch) = self.0.step(id, seqs);
         Ok(Response::new(pb::PrefillResponse {
             generations,
             batch,
@@ -202,16 +218,7 @@ impl TextGenerationService for Service {
         let first = *ids
             .first()
             .ok_or_else(|| Status::invalid_argument("no batch ids"))?;
-        let mut seqs = Vec::new();
-        {
-            let mut batches = self.0.batches.lock().unwrap();
-            for id in &ids {
-                let batch = batches
-                    .remove(id)
-                    .ok_or_else(|| Status::not_found(format!("no batch {id}")))?;
-                seqs.extend(batch);
-            }
-        }
+        let seqs = self.0.take(&ids)?;
         let (generations, batch) = self.0.step(first, seqs);
         Ok(Response::new(pb::DecodeResponse {
             generations,

@@ -21,6 +21,14 @@ pub enum AttentionPlan {
     /// One new token per sequence, attended on the CPU in place in the pools (see
     /// `cpu_attention`), without gathering or padding.
     DecodeInPlace(DecodeContexts),
+    /// Fresh prompts in rows `0..decode_from` (spans as in `Prefill`), then one new
+    /// token per running sequence from row `decode_from` on, planned by `decode`: a
+    /// prefill and a decode step sharing one forward pass.
+    Mixed {
+        prefill: Vec<(i64, i64)>,
+        decode_from: i64,
+        decode: Box<AttentionPlan>,
+    },
 }
 
 /// Sequences `start..start + count` of a decode batch. With the pools viewed as
@@ -94,28 +102,9 @@ pub fn attend(
 ) -> Result<Tensor> {
     let [t, heads, head_dim] = dims3(q);
     match plan {
-        AttentionPlan::Prefill(spans) => {
-            let mut outs = Vec::with_capacity(spans.len());
-            for &(offset, len) in spans {
-                let per_seq = |x: &Tensor| -> Result<Tensor> {
-                    Ok(x.f_narrow(0, offset, len)?
-                        .f_transpose(0, 1)?
-                        .f_unsqueeze(0)?)
-                };
-                let out = Tensor::f_scaled_dot_product_attention::<Tensor>(
-                    &per_seq(q)?,
-                    &per_seq(k)?,
-                    &per_seq(v)?,
-                    None,
-                    0.0,
-                    true,
-                    None,
-                    heads != kv_heads,
-                )?;
-                outs.push(out.f_squeeze_dim(0)?.f_transpose(0, 1)?);
-            }
-            Ok(Tensor::f_cat(&outs, 0)?.f_reshape([t, heads * head_dim])?)
-        }
+        AttentionPlan::Prefill(spans) => prefill(spans, q, k, v, heads != kv_heads)?
+            .f_reshape([t, heads * head_dim])
+            .map_err(Into::into),
         AttentionPlan::Decode(groups) => {
             let mut outs = Vec::with_capacity(groups.len());
             for g in groups {
@@ -135,7 +124,57 @@ pub fn attend(
         AttentionPlan::DecodeInPlace(contexts) => {
             cpu_attention::attend(contexts, q, k_pool, v_pool)
         }
+        AttentionPlan::Mixed {
+            prefill: spans,
+            decode_from,
+            decode,
+        } => {
+            let (p, d) = (*decode_from, t - *decode_from);
+            let fresh = prefill(
+                spans,
+                &q.f_narrow(0, 0, p)?,
+                &k.f_narrow(0, 0, p)?,
+                &v.f_narrow(0, 0, p)?,
+                heads != kv_heads,
+            )?
+            .f_reshape([p, heads * head_dim])?;
+            let running = attend(
+                decode,
+                &q.f_narrow(0, p, d)?,
+                &k.f_narrow(0, p, d)?,
+                &v.f_narrow(0, p, d)?,
+                k_pool,
+                v_pool,
+                kv_heads,
+            )?;
+            Ok(Tensor::f_cat(&[fresh, running], 0)?)
+        }
     }
+}
+
+/// Causal attention of each fresh prompt (`spans` of the rows of `q`, `k`, `v`) over
+/// its own keys; `[rows, heads, head_dim]`.
+fn prefill(spans: &[(i64, i64)], q: &Tensor, k: &Tensor, v: &Tensor, gqa: bool) -> Result<Tensor> {
+    let mut outs = Vec::with_capacity(spans.len());
+    for &(offset, len) in spans {
+        let per_seq = |x: &Tensor| -> Result<Tensor> {
+            Ok(x.f_narrow(0, offset, len)?
+                .f_transpose(0, 1)?
+                .f_unsqueeze(0)?)
+        };
+        let out = Tensor::f_scaled_dot_product_attention::<Tensor>(
+            &per_seq(q)?,
+            &per_seq(k)?,
+            &per_seq(v)?,
+            None,
+            0.0,
+            true,
+            None,
+            gqa,
+        )?;
+        outs.push(out.f_squeeze_dim(0)?.f_transpose(0, 1)?);
+    }
+    Ok(Tensor::f_cat(&outs, 0)?)
 }
 
 /// Single-query attention of one group of sequences; returns `[count, heads * head_dim]`.

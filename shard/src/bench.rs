@@ -78,6 +78,10 @@ pub struct Figures {
     /// means over the timed steps (see `stage_timing`).
     #[serde(default)]
     pub decode_stages: Vec<(usize, Vec<(String, f64)>)>,
+    /// With `TESSERA_STAGE_TIMING=1`: (prompt length, [(stage, seconds per prefill)]),
+    /// means over the timed repeats.
+    #[serde(default)]
+    pub prefill_stages: Vec<(usize, Vec<(String, f64)>)>,
 }
 
 /// Largest number of prompt tokens prefilled in one forward pass by the decode benchmark.
@@ -191,21 +195,29 @@ fn print_figures(f: &Figures) {
             share * 100.0
         );
     }
+    for (len, stage_times) in &f.prefill_stages {
+        print_stages(&format!("prefill {len:>5} tokens"), "prompt", stage_times);
+    }
     for (b, stage_times) in &f.decode_stages {
-        let total: f64 = stage_times.iter().map(|s| s.1).sum();
-        println!(
-            "  decode batch {b:>3} by stage (timed, {:.2} ms per step):",
-            total * 1e3
-        );
-        for (name, seconds) in stage_times {
-            println!(
-                "    {name:<16} {:>8.3} ms {:>5.1}%",
-                seconds * 1e3,
-                100.0 * seconds / total.max(1e-12)
-            );
-        }
+        print_stages(&format!("decode batch {b:>3}"), "step", stage_times);
     }
     println!("  peak RSS             {:>9.1} MiB", f.peak_rss_mib);
+}
+
+/// One stage breakdown: its total per `unit`, then each stage's time and share.
+fn print_stages(what: &str, unit: &str, stage_times: &[(String, f64)]) {
+    let total: f64 = stage_times.iter().map(|s| s.1).sum();
+    println!(
+        "  {what} by stage (timed, {:.2} ms per {unit}):",
+        total * 1e3
+    );
+    for (name, seconds) in stage_times {
+        println!(
+            "    {name:<16} {:>8.3} ms {:>5.1}%",
+            seconds * 1e3,
+            100.0 * seconds / total.max(1e-12)
+        );
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -266,14 +278,19 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
     let mut blocks = BlockAllocator::new(cache.num_blocks(), cache.block_size());
 
     let mut prefill = Vec::new();
+    let mut prefill_stages = Vec::new();
     for &len in &args.prefill_lens {
         let mut times = Vec::new();
         for rep in 0..=args.repeats {
             let r = request(&engine, &mut blocks, 0, prompt(rep, len, vocab), 1)?;
             let t = Instant::now();
+            crate::stage_timing::start(engine.device());
             let (mut batch, _) = engine.prefill(vec![r])?;
+            crate::stage_timing::finish();
             let elapsed = t.elapsed().as_secs_f64();
-            if rep > 0 {
+            if rep == 0 {
+                crate::stage_timing::take();
+            } else {
                 times.push(elapsed);
             }
             for (_, table) in batch.filter(&[]) {
@@ -281,6 +298,14 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
             }
         }
         prefill.push((len, len as f64 / median(times)));
+        let per_prompt = 1.0 / args.repeats.max(1) as f64;
+        let stage_times: Vec<(String, f64)> = crate::stage_timing::take()
+            .into_iter()
+            .map(|(name, seconds)| (name.to_string(), seconds * per_prompt))
+            .collect();
+        if !stage_times.is_empty() {
+            prefill_stages.push((len, stage_times));
+        }
     }
 
     let mut decode = Vec::new();
@@ -356,6 +381,7 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
         world_size: args.world_size.max(1),
         decode_collectives: collectives,
         decode_stages: stages,
+        prefill_stages,
     })
 }
 

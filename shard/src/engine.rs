@@ -264,6 +264,11 @@ impl Engine {
         self.model.config()
     }
 
+    /// The device the model runs on.
+    pub fn device(&self) -> Device {
+        self.model.device()
+    }
+
     /// Time this rank has spent exchanging activations with the other ranks.
     pub fn collective_time(&self) -> crate::collectives::CollectiveTime {
         self.model.collective_time()
@@ -358,33 +363,135 @@ impl Engine {
         for r in &requests {
             self.check_request(r)?;
         }
-        let total: usize = requests.iter().map(|r| r.prompt.len()).sum();
-        let (mut tokens, mut positions, mut slots) = (
-            Vec::with_capacity(total),
-            Vec::with_capacity(total),
-            Vec::with_capacity(total),
-        );
-        let mut spans = Vec::with_capacity(requests.len());
-        let mut last = Vec::with_capacity(requests.len());
-        for r in &requests {
-            spans.push((tokens.len() as i64, r.prompt.len() as i64));
-            for (pos, &tok) in r.prompt.iter().enumerate() {
-                tokens.push(tok as i64);
-                positions.push(pos as i64);
-                slots.push(self.slot(r.id, &r.block_table, pos)?);
-            }
-            last.push(tokens.len() as i64 - 1);
-        }
-        let input = StepInput {
-            tokens: self.device_i64(&tokens)?,
-            positions: self.device_i64(&positions)?,
-            slots: self.device_i64(&slots)?,
-            slots_host: slots,
-            last_index: self.device_i64(&last)?,
-            attention: AttentionPlan::Prefill(spans),
-        };
+        let mut rows = Rows::default();
+        let spans = self.prompt_rows(&requests, &mut rows)?;
+        let input = self.step_input(rows, AttentionPlan::Prefill(spans))?;
         let logits = self.model.forward(&mut self.cache, &input)?;
-        let mut batch = Batch {
+        let mut batch = Self::new_batch(requests);
+        let generations = self.sample(&mut batch, &logits)?;
+        Ok((batch, generations))
+    }
+
+    /// Prefills `requests` and advances every unfinished sequence of `running` by one
+    /// token in the same forward pass, so that the weights are read once for both:
+    /// the new batch with its first tokens, and `running`'s tokens. Each sequence gets
+    /// the token it would get from [`Engine::prefill`] and [`Engine::decode`] apart
+    /// (up to the order of floating-point sums in the larger matmuls).
+    #[instrument(skip_all, fields(requests = requests.len(), running = running.len()))]
+    pub fn prefill_and_decode(
+        &mut self,
+        requests: Vec<GenerateRequest>,
+        running: &mut Batch,
+    ) -> Result<(Batch, Vec<Generation>, Vec<Generation>)> {
+        for r in &requests {
+            self.check_request(r)?;
+        }
+        let mut rows = Rows::default();
+        let spans = self.prompt_rows(&requests, &mut rows)?;
+        let decode_from = rows.tokens.len() as i64;
+        let Some((active, decode)) = self.decode_rows(running, &mut rows)? else {
+            let (batch, generations) = self.prefill(requests)?;
+            return Ok((batch, generations, Vec::new()));
+        };
+        let attention = AttentionPlan::Mixed {
+            prefill: spans,
+            decode_from,
+            decode: Box::new(decode),
+        };
+        let input = self.step_input(rows, attention)?;
+        let logits = self.model.forward(&mut self.cache, &input)?;
+        let fresh = requests.len() as i64;
+        let mut batch = Self::new_batch(requests);
+        let generations = self.sample(&mut batch, &logits.f_narrow(0, 0, fresh)?)?;
+        let stepped = active.len() as i64;
+        let mut view = ActiveView {
+            batch: running,
+            active,
+        };
+        let advanced = self.sample_active(&mut view, &logits.f_narrow(0, fresh, stepped)?)?;
+        Ok((batch, generations, advanced))
+    }
+
+    /// Appends the rows of `requests`' prompts; returns each prompt's (first row, length).
+    fn prompt_rows(
+        &self,
+        requests: &[GenerateRequest],
+        rows: &mut Rows,
+    ) -> Result<Vec<(i64, i64)>> {
+        let total: usize = requests.iter().map(|r| r.prompt.len()).sum();
+        rows.reserve(total);
+        let mut spans = Vec::with_capacity(requests.len());
+        for r in requests {
+            spans.push((rows.tokens.len() as i64, r.prompt.len() as i64));
+            for (pos, &tok) in r.prompt.iter().enumerate() {
+                rows.tokens.push(tok as i64);
+                rows.positions.push(pos as i64);
+                rows.slots.push(self.slot(r.id, &r.block_table, pos)?);
+            }
+            rows.last.push(rows.tokens.len() as i64 - 1);
+        }
+        Ok(spans)
+    }
+
+    /// Appends one row per unfinished sequence of `batch` (its newest token), shortest
+    /// context first; returns those sequences' indices in the batch, in row order, and
+    /// the plan of their attention. `None` when every sequence has finished.
+    fn decode_rows(
+        &self,
+        batch: &Batch,
+        rows: &mut Rows,
+    ) -> Result<Option<(Vec<usize>, AttentionPlan)>> {
+        let mut active: Vec<usize> = (0..batch.seqs.len())
+            .filter(|&i| batch.seqs[i].finished.is_none())
+            .collect();
+        if active.is_empty() {
+            return Ok(None);
+        }
+        // Shortest contexts first, so that sequences of similar lengths can share an
+        // attention group (the linear layers do not care about the order).
+        active.sort_by_key(|&i| batch.seqs[i].tokens.len());
+        let lens: Vec<usize> = active.iter().map(|&i| batch.seqs[i].tokens.len()).collect();
+        rows.reserve(active.len());
+        for &i in &active {
+            let s = &batch.seqs[i];
+            let pos = s.tokens.len() - 1;
+            rows.last.push(rows.tokens.len() as i64);
+            rows.tokens.push(s.tokens[pos] as i64);
+            rows.positions.push(pos as i64);
+            rows.slots.push(self.slot(s.id, &s.block_table, pos)?);
+        }
+        let attention = if self.in_place_attention {
+            // Attention reads the pools in place: only each sequence's slots are needed.
+            let mut contexts = DecodeContexts::new();
+            for &i in &active {
+                let s = &batch.seqs[i];
+                let context = (0..s.tokens.len())
+                    .map(|p| self.slot(s.id, &s.block_table, p))
+                    .collect::<Result<Vec<i64>>>()?;
+                contexts.push(context);
+            }
+            AttentionPlan::DecodeInPlace(contexts)
+        } else {
+            AttentionPlan::Decode(self.decode_groups(batch, &active, &lens)?)
+        };
+        Ok(Some((active, attention)))
+    }
+
+    /// Moves `rows` to the model's device.
+    fn step_input(&self, rows: Rows, attention: AttentionPlan) -> Result<StepInput> {
+        Ok(StepInput {
+            tokens: self.device_i64(&rows.tokens)?,
+            positions: self.device_i64(&rows.positions)?,
+            slots: self.device_i64(&rows.slots)?,
+            last_index: self.device_i64(&rows.last)?,
+            slots_host: rows.slots,
+            attention,
+        })
+    }
+
+    /// The batch of freshly prefilled `requests` (their first tokens not sampled yet).
+    fn new_batch(requests: Vec<GenerateRequest>) -> Batch {
+        Batch {
             seqs: requests
                 .into_iter()
                 .map(|r| Sequence {
@@ -398,9 +505,7 @@ impl Engine {
                     finished: None,
                 })
                 .collect(),
-        };
-        let generations = self.sample(&mut batch, &logits)?;
-        Ok((batch, generations))
+        }
     }
 
     /// The f32 logits after `prompt` (its last position), from a prefill pass that
@@ -449,50 +554,11 @@ impl Engine {
     }
 
     fn decode_step(&mut self, batch: &mut Batch) -> Result<Vec<Generation>> {
-        let mut active: Vec<usize> = (0..batch.seqs.len())
-            .filter(|&i| batch.seqs[i].finished.is_none())
-            .collect();
-        if active.is_empty() {
+        let mut rows = Rows::default();
+        let Some((active, attention)) = self.decode_rows(batch, &mut rows)? else {
             return Ok(Vec::new());
-        }
-        // Shortest contexts first, so that sequences of similar lengths can share an
-        // attention group (the linear layers do not care about the order).
-        active.sort_by_key(|&i| batch.seqs[i].tokens.len());
-        let lens: Vec<usize> = active.iter().map(|&i| batch.seqs[i].tokens.len()).collect();
-        let b = active.len();
-        let mut tokens = Vec::with_capacity(b);
-        let mut positions = Vec::with_capacity(b);
-        let mut slots = Vec::with_capacity(b);
-        for &i in &active {
-            let s = &batch.seqs[i];
-            let pos = s.tokens.len() - 1;
-            tokens.push(s.tokens[pos] as i64);
-            positions.push(pos as i64);
-            slots.push(self.slot(s.id, &s.block_table, pos)?);
-        }
-        let device = self.model.device();
-        let attention = if self.in_place_attention {
-            // Attention reads the pools in place: only each sequence's slots are needed.
-            let mut contexts = DecodeContexts::new();
-            for &i in &active {
-                let s = &batch.seqs[i];
-                let context = (0..s.tokens.len())
-                    .map(|p| self.slot(s.id, &s.block_table, p))
-                    .collect::<Result<Vec<i64>>>()?;
-                contexts.push(context);
-            }
-            AttentionPlan::DecodeInPlace(contexts)
-        } else {
-            AttentionPlan::Decode(self.decode_groups(batch, &active, &lens)?)
         };
-        let input = StepInput {
-            tokens: self.device_i64(&tokens)?,
-            positions: self.device_i64(&positions)?,
-            slots: self.device_i64(&slots)?,
-            slots_host: slots,
-            last_index: Tensor::f_arange(b as i64, (Kind::Int64, device))?,
-            attention,
-        };
+        let input = self.step_input(rows, attention)?;
         stage_timing::mark("step_inputs");
         let logits = self.model.forward(&mut self.cache, &input)?;
         let mut view = ActiveView { batch, active };
@@ -691,6 +757,24 @@ fn sample_rows(pairs: &mut [(&mut Sequence, &mut [f32])]) -> Result<Vec<SampledT
                 .ok_or_else(|| EngineError::Batch("a sequence was not sampled".into()))
         })
         .collect()
+}
+
+/// The host-side rows of one forward pass, before they go to the device.
+#[derive(Default)]
+struct Rows {
+    tokens: Vec<i64>,
+    positions: Vec<i64>,
+    slots: Vec<i64>,
+    /// The row of each sequence's newest token, whose logits the pass returns.
+    last: Vec<i64>,
+}
+
+impl Rows {
+    fn reserve(&mut self, n: usize) {
+        self.tokens.reserve(n);
+        self.positions.reserve(n);
+        self.slots.reserve(n);
+    }
 }
 
 struct ActiveView<'a> {

@@ -20,7 +20,33 @@ const PROMPTS: [&str; 8] = [
 
 #[test]
 fn batched_decoding_with_joins_equals_each_prompt_alone() {
-    let mut engine = load(&default_model(), tch::Kind::Float);
+    joins_equal_each_prompt_alone(load(&default_model(), tch::Kind::Float), false);
+}
+
+/// Newcomers prefilled in the same forward pass as the running batch's decode step
+/// (`prefill_and_decode`), with the in-place CPU attention and with the grouped
+/// attention CUDA uses (forced here on the CPU): every request still gets exactly its
+/// solo tokens.
+#[test]
+fn joins_sharing_the_decode_step_equal_each_prompt_alone() {
+    for grouped in [false, true] {
+        let engine = tessera_shard::Engine::load(
+            &default_model(),
+            &tessera_shard::EngineConfig {
+                kind: tch::Kind::Float,
+                max_kv_tokens: 8192,
+                grouped_decode_attention: grouped,
+                ..tessera_shard::EngineConfig::default()
+            },
+        )
+        .expect("loading the default model");
+        joins_equal_each_prompt_alone(engine, true);
+    }
+}
+
+/// Two prompts start; two more join after 1 step, three after 3 steps, the last after
+/// 5; with `fused`, a join's prefill also takes the running batch's step.
+fn joins_equal_each_prompt_alone(mut engine: tessera_shard::Engine, fused: bool) {
     let mut blocks = allocator(&engine);
     let new_tokens = 12u32;
     let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| engine.encode(p).unwrap()).collect();
@@ -33,12 +59,12 @@ fn batched_decoding_with_joins_equals_each_prompt_alone() {
         blocks.release(table);
     }
 
-    // Two prompts start; two more join after 1 step, three after 3 steps, the last after 5.
     let joins: [(usize, &[usize]); 4] = [(0, &[0, 1]), (1, &[2, 3]), (3, &[4, 5, 6]), (5, &[7])];
     let mut together: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
     let mut batch = tessera_shard::Batch::default();
     let mut step = 0;
     loop {
+        let mut stepped = false;
         for (at, ids) in joins {
             if at == step {
                 let requests = ids
@@ -53,15 +79,29 @@ fn batched_decoding_with_joins_equals_each_prompt_alone() {
                         )
                     })
                     .collect();
-                let (joined, first) = engine.prefill(requests).unwrap();
-                for g in first {
+                let (joined, generations) = if fused && !batch.is_empty() {
+                    stepped = true;
+                    let (joined, first, advanced) =
+                        engine.prefill_and_decode(requests, &mut batch).unwrap();
+                    assert_eq!(
+                        advanced.len(),
+                        batch.len(),
+                        "every running sequence advanced"
+                    );
+                    (joined, advanced.into_iter().chain(first).collect())
+                } else {
+                    engine.prefill(requests).unwrap()
+                };
+                for g in generations {
                     together.entry(g.request_id).or_default().push(g.token_id);
                 }
                 batch.merge(joined);
             }
         }
-        for g in engine.decode(&mut batch).unwrap() {
-            together.entry(g.request_id).or_default().push(g.token_id);
+        if !stepped {
+            for g in engine.decode(&mut batch).unwrap() {
+                together.entry(g.request_id).or_default().push(g.token_id);
+            }
         }
         for (_, table) in batch.remove_finished() {
             blocks.release(table);

@@ -71,6 +71,7 @@ mod tests {
             max_batch_size: 4,
             max_waiting_tokens: 5,
             waiting_served_ratio: 0.5,
+            decode_in_prefill: true,
         }
     }
 

@@ -13,7 +13,7 @@ use super::blocks::BlockAllocator;
 use super::policy::{admit, should_prefill, Need};
 use super::replica::Load;
 use super::{Entry, Health, HealthReporter};
-use crate::client::{ClientError, ShardedClient};
+use crate::client::{ClientError, ShardedClient, Step};
 use crate::config::BatchingConfig;
 use crate::infer::{FinishReason, GeneratedText, InferError, InferStreamResponse, Token};
 use crate::metrics::{Metrics, ReplicaMetrics};
@@ -180,16 +180,21 @@ impl BatchingTask {
             }
             self.waiting.retain(|(_, e)| !e.response.is_closed());
             self.update_gauges();
+            // A prefill also takes the running batch's decode step, in the same
+            // forward pass on the shard.
+            let mut stepped = false;
             if should_prefill(
                 &self.config,
                 self.waiting.len(),
                 self.running.requests.len(),
                 self.steps_since_prefill,
             ) {
-                self.prefill().await;
+                stepped = self.prefill().await;
             }
             if !self.running.requests.is_empty() {
-                self.decode().await;
+                if !stepped {
+                    self.decode().await;
+                }
                 self.drop_cancelled().await;
             } else if !self.waiting.is_empty() {
                 // Waiting requests that do not fit yet wait for blocks to come back;
@@ -256,7 +261,29 @@ impl BatchingTask {
         }
     }
 
-    async fn prefill(&mut self) {
+    /// Whether the loop will prefill after a step, `steps` decode steps after the last
+    /// prefill: then the shard should not step the running batch ahead, so that the
+    /// step can share the prefill's forward pass. (A guess: requests that finish or
+    /// arrive in between may change it, which costs time, never a token.)
+    fn prefill_expected(&self, steps: u32) -> bool {
+        self.config.decode_in_prefill
+            && should_prefill(
+                &self.config,
+                self.waiting.len(),
+                self.running.requests.len(),
+                steps,
+            )
+            && admit(
+                &self.config,
+                self.waiting.iter().map(|(_, e)| self.need(e)),
+                self.running.requests.len(),
+                self.blocks.free() as u64,
+            ) > 0
+    }
+
+    /// Admits waiting requests and prefills them; the running batches take their
+    /// decode step in the same call. Returns whether they did.
+    async fn prefill(&mut self) -> bool {
         let count = admit(
             &self.config,
             self.waiting.iter().map(|(_, e)| self.need(e)),
@@ -264,7 +291,7 @@ impl BatchingTask {
             self.blocks.free() as u64,
         );
         if count == 0 {
-            return;
+            return false;
         }
         self.steps_since_prefill = 0;
         let batch_id = self.next_batch_id;
@@ -325,11 +352,34 @@ impl BatchingTask {
                 },
             );
         }
+        // The running requests advance in this call too (their traces were sent
+        // with their own prefill).
+        let decode_ids = if self.config.decode_in_prefill {
+            std::mem::take(&mut self.running.batch_ids)
+        } else {
+            Vec::new()
+        };
+        let stepped = !decode_ids.is_empty();
+        let running: Vec<u64> = if stepped {
+            self.running.requests.keys().copied().collect()
+        } else {
+            Vec::new()
+        };
+        let step = Step {
+            batch_ids: decode_ids.clone(),
+            prefill_follows: stepped && self.prefill_expected(1),
+        };
         let (replica, size) = (self.replica, requests.len());
-        let span = step_span(
-            new.iter().map(|(&id, a)| (id, &a.entry)),
-            |parent| info_span!(parent: parent, "prefill", replica, batch_id, size),
-        );
+        let span = step_span(new.iter().map(|(&id, a)| (id, &a.entry)), |parent| {
+            info_span!(
+                parent: parent,
+                "prefill",
+                replica,
+                batch_id,
+                size,
+                running = running.len()
+            )
+        });
         let result = self
             .client
             .prefill(
@@ -338,9 +388,13 @@ impl BatchingTask {
                     requests,
                 },
                 traces,
+                step,
             )
             .instrument(span)
             .await;
+        if stepped {
+            self.steps_since_prefill = 1;
+        }
         match result {
             Ok((response, ranks)) => {
                 if let Some(t) = &response.timings {
@@ -349,7 +403,8 @@ impl BatchingTask {
                         .observe(t.forward_ns as f64 / 1e9);
                 }
                 observe_ranks(&self.metrics.rank_prefill, &ranks);
-                let ids: Vec<u64> = new.keys().copied().collect();
+                let mut ids: Vec<u64> = new.keys().copied().collect();
+                ids.extend(running);
                 self.running.requests.extend(new);
                 self.handle_generations(response.generations);
                 let kept = match response.batch {
@@ -371,9 +426,15 @@ impl BatchingTask {
                     self.blocks.release(active.blocks);
                     active.entry.fail(error.clone());
                 }
-                let _ = self.client.clear_cache(Some(batch_id)).await;
+                if stepped {
+                    self.fail_running(error);
+                }
+                for id in std::iter::once(batch_id).chain(decode_ids) {
+                    let _ = self.client.clear_cache(Some(id)).await;
+                }
             }
         }
+        stepped
     }
 
     async fn decode(&mut self) {
@@ -399,11 +460,11 @@ impl BatchingTask {
                 })
             })
             .collect();
-        let result = self
-            .client
-            .decode(batch_ids.clone(), traces)
-            .instrument(span)
-            .await;
+        let step = Step {
+            batch_ids: batch_ids.clone(),
+            prefill_follows: self.prefill_expected(self.steps_since_prefill.saturating_add(1)),
+        };
+        let result = self.client.decode(step, traces).instrument(span).await;
         self.steps_since_prefill = self.steps_since_prefill.saturating_add(1);
         match result {
             Ok((response, ranks)) => {

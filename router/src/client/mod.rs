@@ -160,6 +160,16 @@ impl ShardClient {
     }
 }
 
+/// The decode step a `Prefill` or `Decode` call asks of the cached batches.
+#[derive(Debug, Clone, Default)]
+pub struct Step {
+    /// The cached batches that advance by one token (none: a plain prefill).
+    pub batch_ids: Vec<u64>,
+    /// The next call is a prefill that steps the returned batch, so the shard must
+    /// not step it ahead.
+    pub prefill_follows: bool,
+}
+
 /// Every rank of one shard group.
 #[derive(Clone)]
 pub struct ShardedClient {
@@ -210,17 +220,21 @@ impl ShardedClient {
         first(try_join_all(self.ranks.iter_mut().map(|c| c.warmup(request))).await?)
     }
 
-    /// Prefills `batch` on every rank; `traces` are the requests' trace
-    /// contexts (empty when traces are not exported). Returns rank 0's answer
-    /// and each rank's timings.
+    /// Prefills `batch` on every rank, with one decode step of the cached
+    /// batches `step.batch_ids` in the same forward pass; `traces` are the
+    /// requests' trace contexts (empty when traces are not exported). Returns
+    /// rank 0's answer and each rank's timings.
     pub async fn prefill(
         &mut self,
         batch: pb::Batch,
         traces: Vec<pb::RequestTrace>,
+        step: Step,
     ) -> Result<(pb::PrefillResponse, Vec<Option<pb::Timings>>), ClientError> {
         let request = pb::PrefillRequest {
             batch: Some(batch),
             traces,
+            decode_batch_ids: step.batch_ids,
+            prefill_follows: step.prefill_follows,
         };
         let answers =
             try_join_all(self.ranks.iter_mut().map(|c| c.prefill(request.clone()))).await?;
@@ -228,13 +242,17 @@ impl ShardedClient {
         Ok((first(answers)?, timings))
     }
 
-    /// One decode step of `batch_ids` on every rank; `traces` as for prefill.
+    /// One decode step of `step.batch_ids` on every rank; `traces` as for prefill.
     pub async fn decode(
         &mut self,
-        batch_ids: Vec<u64>,
+        step: Step,
         traces: Vec<pb::RequestTrace>,
     ) -> Result<(pb::DecodeResponse, Vec<Option<pb::Timings>>), ClientError> {
-        let request = pb::DecodeRequest { batch_ids, traces };
+        let request = pb::DecodeRequest {
+            batch_ids: step.batch_ids,
+            traces,
+            prefill_follows: step.prefill_follows,
+        };
         let answers =
             try_join_all(self.ranks.iter_mut().map(|c| c.decode(request.clone()))).await?;
         let timings = answers.iter().map(|a| a.timings).collect();

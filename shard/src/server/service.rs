@@ -157,7 +157,8 @@ impl TextGenerationService for ShardService {
                 otel.kind = "server",
                 rank,
                 batch_id = tracing::field::Empty,
-                size = tracing::field::Empty
+                size = tracing::field::Empty,
+                running_batches = tracing::field::Empty
             ),
             &request,
         );
@@ -167,7 +168,8 @@ impl TextGenerationService for ShardService {
             .ok_or_else(|| Status::invalid_argument("prefill without a batch"))?;
         let batch_id = batch.id;
         span.record("batch_id", batch_id)
-            .record("size", batch.requests.len());
+            .record("size", batch.requests.len())
+            .record("running_batches", message.decode_batch_ids.len());
         let _requests = request_spans(
             &message.traces,
             &span,
@@ -184,6 +186,8 @@ impl TextGenerationService for ShardService {
             .call(|reply| Command::Prefill {
                 batch_id,
                 requests,
+                decode_batch_ids: message.decode_batch_ids,
+                prefill_follows: message.prefill_follows,
                 span: step,
                 reply,
             })
@@ -223,6 +227,7 @@ impl TextGenerationService for ShardService {
         let out = self
             .call(|reply| Command::Decode {
                 batch_ids: message.batch_ids,
+                prefill_follows: message.prefill_follows,
                 span: step,
                 reply,
             })

@@ -18,6 +18,12 @@
 //! - `FilterBatch` drops the run-ahead tokens of the requests it removes, and
 //!   `ClearCache` drops them with their batch.
 //!
+//! The router turns run-ahead off for one step (`prefill_follows`) when it will prefill
+//! next: that `Prefill` carries the running batches (`decode_batch_ids`), and their
+//! decode step shares the prefill's forward pass, which reads the weights once for
+//! both instead of twice. A `Prefill` that finds its running batch already stepped
+//! ahead returns that step and prefills on its own.
+//!
 //! The decision to run ahead depends only on the commands received, never on timing,
 //! so all ranks of a tensor-parallel group take the same steps in the same order.
 
@@ -59,11 +65,17 @@ pub enum Command {
     Prefill {
         batch_id: u64,
         requests: Vec<GenerateRequest>,
+        /// Cached batches to advance by one step in the same forward pass.
+        decode_batch_ids: Vec<u64>,
+        /// Do not step the returned batch ahead.
+        prefill_follows: bool,
         span: Span,
         reply: oneshot::Sender<Result<StepOutput>>,
     },
     Decode {
         batch_ids: Vec<u64>,
+        /// Do not step the returned batch ahead.
+        prefill_follows: bool,
         span: Span,
         reply: oneshot::Sender<Result<StepOutput>>,
     },
@@ -103,20 +115,46 @@ pub fn run(mut engine: Engine, mut commands: mpsc::Receiver<Command>, run_ahead:
             Command::Prefill {
                 batch_id,
                 requests,
+                decode_batch_ids,
+                prefill_follows,
                 span,
                 reply,
             } => {
-                let _span = info_span!(
-                    parent: &span,
-                    "worker_prefill",
-                    batch_id,
-                    requests = requests.len()
-                )
-                .entered();
-                let _ = reply.send(worker.prefill(&mut engine, batch_id, requests));
+                let result = {
+                    let _span = info_span!(
+                        parent: &span,
+                        "worker_prefill",
+                        batch_id,
+                        requests = requests.len(),
+                        running_batches = decode_batch_ids.len()
+                    )
+                    .entered();
+                    if decode_batch_ids.is_empty() {
+                        worker.prefill(&mut engine, batch_id, requests)
+                    } else {
+                        worker.prefill_and_decode(
+                            &mut engine,
+                            batch_id,
+                            requests,
+                            &decode_batch_ids,
+                        )
+                    }
+                };
+                // After a plain prefill the router decodes the new batch with the
+                // running ones (see `Worker::decode`); only a step of the running batch
+                // is taken ahead.
+                let stepped = !decode_batch_ids.is_empty();
+                worker.answer(
+                    &mut engine,
+                    result,
+                    reply,
+                    stepped && run_ahead && !prefill_follows,
+                    &span,
+                );
             }
             Command::Decode {
                 batch_ids,
+                prefill_follows,
                 span,
                 reply,
             } => {
@@ -126,18 +164,13 @@ pub fn run(mut engine: Engine, mut commands: mpsc::Receiver<Command>, run_ahead:
                             .entered();
                     worker.decode(&mut engine, &batch_ids)
                 };
-                let next = match &result {
-                    Ok(StepOutput {
-                        batch: Some(batch), ..
-                    }) if run_ahead => Some(batch.id),
-                    _ => None,
-                };
-                let _ = reply.send(result);
-                if let Some(batch_id) = next {
-                    let _span =
-                        info_span!(parent: &span, "worker_decode_ahead", batch_id).entered();
-                    worker.run_ahead(&mut engine, batch_id);
-                }
+                worker.answer(
+                    &mut engine,
+                    result,
+                    reply,
+                    run_ahead && !prefill_follows,
+                    &span,
+                );
                 worker.report_stages();
             }
             Command::Filter {
@@ -216,11 +249,120 @@ impl Worker {
 
     fn decode(&mut self, engine: &mut Engine, batch_ids: &[u64]) -> Result<StepOutput> {
         let start = Instant::now();
-        let Some(&first) = batch_ids.first() else {
-            return Err(EngineError::Batch(
-                "decode needs at least one batch id".into(),
-            ));
+        let (fresh, ready) = self.take_for_step(batch_ids)?;
+        let first = batch_ids[0];
+        // On an error the merged batch is dropped: its requests fail in the router.
+        let (stepped, generations, forward_ns) = match ready {
+            Some((mut stepped, ahead)) => {
+                let (generations, forward_ns) = ahead?;
+                // The newcomers advance with the others in the next step.
+                stepped.merge(fresh);
+                (stepped, generations, forward_ns)
+            }
+            None => {
+                let mut fresh = fresh;
+                let forward_start = Instant::now();
+                let generations = engine.decode(&mut fresh)?;
+                (
+                    fresh,
+                    generations,
+                    forward_start.elapsed().as_nanos() as u64,
+                )
+            }
         };
+        Ok(StepOutput {
+            generations,
+            batch: self.keep_unfinished(first, stepped),
+            forward_ns,
+            total_ns: start.elapsed().as_nanos() as u64,
+        })
+    }
+
+    /// Sends a step's result; with `ahead`, then takes the next decode step of the
+    /// batch it returned.
+    fn answer(
+        &mut self,
+        engine: &mut Engine,
+        result: Result<StepOutput>,
+        reply: oneshot::Sender<Result<StepOutput>>,
+        ahead: bool,
+        span: &Span,
+    ) {
+        let next = match &result {
+            Ok(StepOutput {
+                batch: Some(batch), ..
+            }) if ahead => Some(batch.id),
+            _ => None,
+        };
+        // A reply nobody waits for any more (the router hung up) is not an error here.
+        let _ = reply.send(result);
+        if let Some(batch_id) = next {
+            let _span = info_span!(parent: span, "worker_decode_ahead", batch_id).entered();
+            self.run_ahead(engine, batch_id);
+        }
+    }
+
+    /// Prefills `requests` as batch `batch_id` and advances the cached batches
+    /// `decode_ids` by one step, in one forward pass (unless one of them was stepped
+    /// ahead: then that step is returned and the prompts are prefilled alone). Returns
+    /// everything merged under the first of `decode_ids`; on an error the running
+    /// batches are dropped, as in [`Worker::decode`].
+    fn prefill_and_decode(
+        &mut self,
+        engine: &mut Engine,
+        batch_id: u64,
+        requests: Vec<GenerateRequest>,
+        decode_ids: &[u64],
+    ) -> Result<StepOutput> {
+        let start = Instant::now();
+        if self.batches.contains_key(&batch_id) {
+            return Err(EngineError::Batch(format!(
+                "batch {batch_id} already exists"
+            )));
+        }
+        let (running, ready) = self.take_for_step(decode_ids)?;
+        let first = decode_ids[0];
+        let forward_start = Instant::now();
+        let (mut stepped, generations, fresh) = match ready {
+            Some((stepped, ahead)) => {
+                let (mut generations, _) = ahead?;
+                let (fresh, new) = engine.prefill(requests)?;
+                let mut stepped = stepped;
+                // Batches that were not part of the step taken ahead join without one.
+                stepped.merge(running);
+                generations.extend(new);
+                (stepped, generations, fresh)
+            }
+            None => {
+                let mut running = running;
+                let (fresh, new, mut generations) =
+                    engine.prefill_and_decode(requests, &mut running)?;
+                generations.extend(new);
+                (running, generations, fresh)
+            }
+        };
+        let forward_ns = forward_start.elapsed().as_nanos() as u64;
+        stepped.merge(fresh);
+        Ok(StepOutput {
+            generations,
+            batch: self.keep_unfinished(first, stepped),
+            forward_ns,
+            total_ns: start.elapsed().as_nanos() as u64,
+        })
+    }
+
+    /// Removes the cached batches `batch_ids` for a step: the ones that still need it,
+    /// merged, and the one stepped ahead with that step's result, if any.
+    #[allow(clippy::type_complexity)]
+    fn take_for_step(
+        &mut self,
+        batch_ids: &[u64],
+    ) -> Result<(Batch, Option<(Batch, Result<(Vec<Generation>, u64)>)>)> {
+        if batch_ids.is_empty() {
+            return Err(EngineError::Batch(
+                "a step needs at least one batch id".into(),
+            ));
+        }
         if let Some(missing) = batch_ids.iter().find(|id| !self.batches.contains_key(id)) {
             return Err(EngineError::Batch(format!(
                 "batch {missing} is not cached on this shard"
@@ -230,7 +372,6 @@ impl Worker {
             Some(a) if batch_ids.contains(&a.batch_id) => self.ahead.take(),
             _ => None,
         };
-        // The batch stepped ahead (if any), and the others, which need a step now.
         let mut stepped = Batch::default();
         let mut fresh = Batch::default();
         for id in batch_ids {
@@ -242,27 +383,7 @@ impl Worker {
                 }
             }
         }
-        // On an error the merged batch is dropped: its requests fail in the router.
-        let (generations, forward_ns) = match ready {
-            Some(ahead) => {
-                let (generations, forward_ns) = ahead.result?;
-                // The newcomers advance with the others in the next step.
-                stepped.merge(fresh);
-                (generations, forward_ns)
-            }
-            None => {
-                let forward_start = Instant::now();
-                let generations = engine.decode(&mut fresh)?;
-                stepped = fresh;
-                (generations, forward_start.elapsed().as_nanos() as u64)
-            }
-        };
-        Ok(StepOutput {
-            generations,
-            batch: self.keep_unfinished(first, stepped),
-            forward_ns,
-            total_ns: start.elapsed().as_nanos() as u64,
-        })
+        Ok((fresh, ready.map(|a| (stepped, a.result))))
     }
 
     /// Takes the next decode step of cached batch `batch_id` now, for the `Decode`
@@ -474,28 +595,44 @@ mod tests {
             self.batch_ids = out.batch.map(|b| vec![b.id]).unwrap_or_default();
         }
 
-        fn prefill(&mut self, batch_id: u64, requests: Vec<GenerateRequest>) {
+        /// Prefills `requests`; with `fused`, the running batches take their step in
+        /// the same call. Returns whether they did.
+        fn prefill(&mut self, batch_id: u64, requests: Vec<GenerateRequest>, fused: bool) -> bool {
+            let decode_batch_ids = if fused {
+                self.batch_ids.clone()
+            } else {
+                Vec::new()
+            };
+            let stepped = !decode_batch_ids.is_empty();
             let (reply, rx) = oneshot::channel();
             self.tx
                 .blocking_send(Command::Prefill {
                     batch_id,
                     requests,
+                    decode_batch_ids,
+                    prefill_follows: false,
                     span: Span::none(),
                     reply,
                 })
                 .unwrap();
             let out = rx.blocking_recv().unwrap().unwrap();
+            if stepped {
+                self.absorb(out);
+                return true;
+            }
             let joined = out.batch.as_ref().map(|b| b.id);
             let before = std::mem::take(&mut self.batch_ids);
             self.absorb(out);
             self.batch_ids = before.into_iter().chain(joined).collect();
+            false
         }
 
-        fn decode(&mut self) {
+        fn decode(&mut self, prefill_follows: bool) {
             let (reply, rx) = oneshot::channel();
             self.tx
                 .blocking_send(Command::Decode {
                     batch_ids: self.batch_ids.clone(),
+                    prefill_follows,
                     span: Span::none(),
                     reply,
                 })
@@ -522,10 +659,26 @@ mod tests {
         }
     }
 
+    /// How the driver steps: run-ahead on the shard, running batches stepped inside
+    /// the prefills that admit newcomers, and the router's hint before those prefills.
+    #[derive(Clone, Copy)]
+    struct Mode {
+        run_ahead: bool,
+        fused: bool,
+        hint: bool,
+    }
+
+    const PLAIN: Mode = Mode {
+        run_ahead: false,
+        fused: false,
+        hint: false,
+    };
+
     /// What a router sees: request 0 and 1 start, 2 joins after two steps, 1 is
     /// cancelled after four, 3 joins after five; every request finishes (1 excepted).
-    fn serve(run_ahead: bool) -> (BTreeMap<u64, Vec<u32>>, Vec<u64>) {
+    fn serve(mode: Mode) -> (BTreeMap<u64, Vec<u32>>, Vec<u64>) {
         let (tx, rx) = mpsc::channel(8);
+        let run_ahead = mode.run_ahead;
         let thread = std::thread::spawn(move || run(tiny_engine(), rx, run_ahead));
         let mut d = Driver {
             tx,
@@ -533,21 +686,26 @@ mod tests {
             finished: Vec::new(),
             batch_ids: Vec::new(),
         };
-        d.prefill(10, vec![request(0, 9), request(1, 12)]);
+        let joins = |step: usize| match step {
+            2 => Some((11, vec![request(2, 4)])),
+            5 => Some((12, vec![request(3, 6)])),
+            _ => None,
+        };
+        d.prefill(10, vec![request(0, 9), request(1, 12)], mode.fused);
         for step in 0..40 {
-            if step == 2 {
-                d.prefill(11, vec![request(2, 4)]);
-            }
             if step == 4 {
                 d.filter(vec![0, 2]);
             }
-            if step == 5 {
-                d.prefill(12, vec![request(3, 6)]);
+            let mut stepped = false;
+            if let Some((id, requests)) = joins(step) {
+                stepped = d.prefill(id, requests, mode.fused);
             }
             if d.batch_ids.is_empty() {
                 break;
             }
-            d.decode();
+            if !stepped {
+                d.decode(mode.hint && joins(step + 1).is_some());
+            }
         }
         drop(d.tx);
         thread.join().unwrap();
@@ -557,8 +715,11 @@ mod tests {
 
     #[test]
     fn running_ahead_changes_no_token_and_loses_no_request() {
-        let (plain, plain_finished) = serve(false);
-        let (ahead, ahead_finished) = serve(true);
+        let (plain, plain_finished) = serve(PLAIN);
+        let (ahead, ahead_finished) = serve(Mode {
+            run_ahead: true,
+            ..PLAIN
+        });
         assert_eq!(plain_finished, vec![0, 2, 3]);
         assert_eq!(ahead_finished, plain_finished);
         assert_eq!(plain[&0].len(), 9);
@@ -568,5 +729,26 @@ mod tests {
         // on the shard, but that token is never delivered.
         assert_eq!(ahead[&1], plain[&1]);
         assert_eq!(ahead, plain);
+    }
+
+    /// A prefill that also steps the running batch gives every request the tokens it
+    /// gets from a prefill and a decode apart: with the router's hint (one forward
+    /// pass for both), without it (the running batch was stepped ahead; its step is
+    /// returned), and with run-ahead off.
+    #[test]
+    fn decoding_inside_a_prefill_changes_no_token_and_loses_no_request() {
+        let (plain, plain_finished) = serve(PLAIN);
+        for (run_ahead, hint) in [(true, true), (true, false), (false, false)] {
+            let (fused, finished) = serve(Mode {
+                run_ahead,
+                fused: true,
+                hint,
+            });
+            assert_eq!(
+                finished, plain_finished,
+                "run-ahead {run_ahead}, hint {hint}"
+            );
+            assert_eq!(fused, plain, "run-ahead {run_ahead}, hint {hint}");
+        }
     }
 }
