@@ -64,6 +64,12 @@ pub struct Args {
     )]
     pub prompt_lens: Vec<usize>,
 
+    /// Words (about tokens) of one prefix that every prompt starts with, before its
+    /// own `--prompt-lens` words, as requests that share a system prompt do; 0: none
+    /// (no prompt shares anything a prefix cache could reuse).
+    #[arg(long, env = "TESSERA_LOADGEN_SHARED_PREFIX", default_value_t = 0)]
+    pub shared_prefix: usize,
+
     /// Output tokens per request (EOS is ignored so every request makes exactly this many).
     #[arg(long, env = "TESSERA_LOADGEN_MAX_TOKENS", default_value_t = 64)]
     pub max_tokens: u32,
@@ -103,6 +109,7 @@ impl Args {
             duration: self.duration.map(seconds),
             warmup: self.warmup,
             prompt_lens: self.prompt_lens.clone(),
+            shared_prefix: self.shared_prefix,
             max_tokens: self.max_tokens,
             seed: self.seed,
             timeout: seconds(self.timeout),

@@ -4,7 +4,8 @@
 //! is a single token (with its leading space) in the usual BPE vocabularies, so
 //! a prompt of `n` words is about `n` tokens. Every request index gets its own
 //! word sequence, so prefix caching cannot make one request cheaper than
-//! another.
+//! another, unless a shared prefix is asked for: then every prompt starts with
+//! the same words (as requests with one system prompt do).
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -44,13 +45,27 @@ const WORDS: &[&str] = &[
 pub struct PromptFactory {
     lengths: Vec<usize>,
     seed: u64,
+    /// Words every prompt starts with (empty: none).
+    shared: String,
 }
 
 impl PromptFactory {
     /// `lengths` are the prompt lengths (in approximate tokens) that requests
     /// cycle through; it must not be empty.
     pub fn new(lengths: Vec<usize>, seed: u64) -> Self {
-        Self { lengths, seed }
+        Self {
+            lengths,
+            seed,
+            shared: String::new(),
+        }
+    }
+
+    /// Every prompt starts with the same `words` words (drawn from the seed), before
+    /// its own `length_of` words.
+    pub fn with_shared_prefix(mut self, words: usize) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x005E_ED0F_5A4E_D000);
+        self.shared = random_words(&mut rng, words);
+        self
     }
 
     /// The approximate token length of request `index`: the lengths cycle so
@@ -68,15 +83,25 @@ impl PromptFactory {
         let words = self.length_of(index);
         let mut rng =
             ChaCha8Rng::seed_from_u64(self.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mut text = String::with_capacity(words * 7);
-        for i in 0..words {
-            if i > 0 {
-                text.push(' ');
-            }
-            text.push_str(WORDS[rng.random_range(0..WORDS.len())]);
+        let own = random_words(&mut rng, words);
+        if self.shared.is_empty() {
+            own
+        } else {
+            format!("{} {own}", self.shared)
         }
-        text
     }
+}
+
+/// `words` random words joined by spaces.
+fn random_words(rng: &mut ChaCha8Rng, words: usize) -> String {
+    let mut text = String::with_capacity(words * 7);
+    for i in 0..words {
+        if i > 0 {
+            text.push(' ');
+        }
+        text.push_str(WORDS[rng.random_range(0..WORDS.len())]);
+    }
+    text
 }
 
 #[cfg(test)]
@@ -107,6 +132,21 @@ mod tests {
         let prefixes: std::collections::HashSet<String> =
             (0..100).map(|i| prefix(a.prompt(i))).collect();
         assert_eq!(prefixes.len(), 100);
+    }
+
+    #[test]
+    fn a_shared_prefix_starts_every_prompt() {
+        let factory = PromptFactory::new(vec![16, 32], 3).with_shared_prefix(100);
+        let prompts: Vec<String> = (0..4).map(|i| factory.prompt(i)).collect();
+        let head = |s: &String| s.split(' ').take(100).collect::<Vec<_>>().join(" ");
+        assert!(prompts.iter().all(|p| head(p) == head(&prompts[0])));
+        assert_eq!(prompts[0].split(' ').count(), 116);
+        assert_eq!(prompts[1].split(' ').count(), 132);
+        // After the prefix, each request's own words.
+        assert_ne!(
+            prompts[0][head(&prompts[0]).len()..],
+            prompts[2][head(&prompts[2]).len()..]
+        );
     }
 
     #[test]

@@ -157,6 +157,7 @@ pub struct RunSettings {
     pub api: ApiKind,
     pub max_tokens: u32,
     pub prompt_lens: Vec<usize>,
+    pub shared_prefix: usize,
     pub seed: u64,
     pub warmup: usize,
 }

@@ -32,6 +32,8 @@ pub struct RunConfig {
     pub duration: Option<Duration>,
     pub warmup: usize,
     pub prompt_lens: Vec<usize>,
+    /// Words every prompt starts with.
+    pub shared_prefix: usize,
     pub max_tokens: u32,
     pub seed: u64,
     pub timeout: Duration,
@@ -122,7 +124,10 @@ pub async fn run(
         config.max_tokens,
         config.timeout,
     )?);
-    let prompts = Arc::new(PromptFactory::new(config.prompt_lens.clone(), config.seed));
+    let prompts = Arc::new(
+        PromptFactory::new(config.prompt_lens.clone(), config.seed)
+            .with_shared_prefix(config.shared_prefix),
+    );
     let phases = config.phases();
 
     let mut warmup_failed = 0;
@@ -177,6 +182,7 @@ pub async fn run(
             api: config.api,
             max_tokens: config.max_tokens,
             prompt_lens: config.prompt_lens.clone(),
+            shared_prefix: config.shared_prefix,
             seed: config.seed,
             warmup: config.warmup,
         },
@@ -272,6 +278,7 @@ mod tests {
             duration: None,
             warmup: 0,
             prompt_lens: vec![32],
+            shared_prefix: 0,
             max_tokens: 8,
             seed: 0,
             timeout: Duration::from_secs(10),

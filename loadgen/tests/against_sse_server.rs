@@ -149,6 +149,7 @@ fn config(url: String, api: ApiKind) -> RunConfig {
         duration: None,
         warmup: 2,
         prompt_lens: vec![8, 16],
+        shared_prefix: 0,
         max_tokens: 5,
         seed: 1,
         timeout: Duration::from_secs(10),

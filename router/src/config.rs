@@ -73,6 +73,11 @@ pub struct BatchingConfig {
     /// either way); false runs the two passes apart.
     #[arg(long, env = "TESSERA_DECODE_IN_PREFILL", default_value_t = true, action = clap::ArgAction::Set)]
     pub decode_in_prefill: bool,
+    /// Prompts that begin like an earlier prompt (a shared system prompt, the history
+    /// of a chat) reuse its cached keys and values for the common full KV blocks, so
+    /// prefill computes only the rest; false computes every prompt whole.
+    #[arg(long, env = "TESSERA_PREFIX_CACHING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_caching: bool,
 }
 
 impl Default for BatchingConfig {
@@ -84,6 +89,7 @@ impl Default for BatchingConfig {
             max_waiting_tokens: 20,
             waiting_served_ratio: 0.3,
             decode_in_prefill: true,
+            prefix_caching: true,
         }
     }
 }

@@ -48,6 +48,12 @@ pub struct Metrics {
     pub shard_healthy: IntGaugeVec,
     /// Requests (one per sequence of `n`/`best_of`) dispatched to each replica.
     pub replica_requests: IntCounterVec,
+    /// Prompt tokens of admitted requests, by replica.
+    pub prefix_cache_queries: IntCounterVec,
+    /// Of those, tokens whose keys and values came from the prefix cache, by replica.
+    pub prefix_cache_hits: IntCounterVec,
+    /// Cached prefix blocks nobody holds (reusable, and free), by replica.
+    pub kv_blocks_cached: IntGaugeVec,
 }
 
 /// One replica's series, resolved once (label lookups stay off the hot path).
@@ -61,6 +67,9 @@ pub struct ReplicaMetrics {
     pub kv_blocks_free: IntGauge,
     pub shard_healthy: IntGauge,
     pub requests: IntCounter,
+    pub prefix_cache_queries: IntCounter,
+    pub prefix_cache_hits: IntCounter,
+    pub kv_blocks_cached: IntGauge,
     /// Per rank: the prefill and decode series of `tessera_shard_forward_duration_seconds`.
     pub rank_prefill: Vec<Histogram>,
     pub rank_decode: Vec<Histogram>,
@@ -114,6 +123,18 @@ impl Metrics {
             &["replica"],
         )
         .unwrap_or_else(|e| panic!("{e}"));
+        let per_replica_counter = |name: &str, help: &str| {
+            IntCounterVec::new(Opts::new(name, help), &["replica"])
+                .unwrap_or_else(|e| panic!("metric {name}: {e}"))
+        };
+        let prefix_cache_queries = per_replica_counter(
+            "tessera_prefix_cache_queries_tokens_total",
+            "Prompt tokens of admitted requests, looked up in the prefix cache, by replica",
+        );
+        let prefix_cache_hits = per_replica_counter(
+            "tessera_prefix_cache_hits_tokens_total",
+            "Prompt tokens whose keys and values came from the prefix cache, by replica",
+        );
         let metrics = Metrics {
             requests,
             request_duration: histogram(
@@ -179,6 +200,12 @@ impl Metrics {
                 "1 while the replica's shard group answers health checks, else 0",
             ),
             replica_requests,
+            prefix_cache_queries,
+            prefix_cache_hits,
+            kv_blocks_cached: per_replica(
+                "tessera_kv_cache_blocks_cached",
+                "KV cache blocks holding a cached prompt prefix that no request holds (reusable; counted as free), by replica",
+            ),
             registry,
         };
         metrics.register_all();
@@ -204,6 +231,9 @@ impl Metrics {
             Box::new(self.kv_blocks_free.clone()),
             Box::new(self.shard_healthy.clone()),
             Box::new(self.replica_requests.clone()),
+            Box::new(self.prefix_cache_queries.clone()),
+            Box::new(self.prefix_cache_hits.clone()),
+            Box::new(self.kv_blocks_cached.clone()),
         ];
         for c in collectors {
             if let Err(e) = self.registry.register(c) {
@@ -229,6 +259,9 @@ impl Metrics {
             kv_blocks_free: self.kv_blocks_free.with_label_values(&replica),
             shard_healthy: self.shard_healthy.with_label_values(&replica),
             requests: self.replica_requests.with_label_values(&replica),
+            prefix_cache_queries: self.prefix_cache_queries.with_label_values(&replica),
+            prefix_cache_hits: self.prefix_cache_hits.with_label_values(&replica),
+            kv_blocks_cached: self.kv_blocks_cached.with_label_values(&replica),
             rank_prefill: Vec::new(),
             rank_decode: Vec::new(),
         }

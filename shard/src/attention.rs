@@ -11,9 +11,17 @@ use tch::{Kind, Tensor};
 use crate::cpu_attention::{self, DecodeContexts};
 use crate::error::Result;
 
+/// One prompt's rows in a prefill: `len` rows from `offset`, the positions after its
+/// cached prefix, whose pool slots (device tensor, position order) are `prefix`.
+pub struct PromptSpan {
+    pub offset: i64,
+    pub len: i64,
+    pub prefix: Option<Tensor>,
+}
+
 pub enum AttentionPlan {
-    /// Fresh prompts: `(offset, length)` of each sequence in the flattened batch.
-    Prefill(Vec<(i64, i64)>),
+    /// Fresh prompts, one span each.
+    Prefill(Vec<PromptSpan>),
     /// One new token per sequence, the batch cut into groups of sequences with
     /// similar context lengths (contiguous in the batch, in order), so that padding to
     /// each group's longest context wastes little.
@@ -25,7 +33,7 @@ pub enum AttentionPlan {
     /// token per running sequence from row `decode_from` on, planned by `decode`: a
     /// prefill and a decode step sharing one forward pass.
     Mixed {
-        prefill: Vec<(i64, i64)>,
+        prefill: Vec<PromptSpan>,
         decode_from: i64,
         decode: Box<AttentionPlan>,
     },
@@ -102,9 +110,11 @@ pub fn attend(
 ) -> Result<Tensor> {
     let [t, heads, head_dim] = dims3(q);
     match plan {
-        AttentionPlan::Prefill(spans) => prefill(spans, q, k, v, heads != kv_heads)?
-            .f_reshape([t, heads * head_dim])
-            .map_err(Into::into),
+        AttentionPlan::Prefill(spans) => {
+            prefill(spans, q, k, v, (k_pool, v_pool), heads != kv_heads)?
+                .f_reshape([t, heads * head_dim])
+                .map_err(Into::into)
+        }
         AttentionPlan::Decode(groups) => {
             let mut outs = Vec::with_capacity(groups.len());
             for g in groups {
@@ -135,6 +145,7 @@ pub fn attend(
                 &q.f_narrow(0, 0, p)?,
                 &k.f_narrow(0, 0, p)?,
                 &v.f_narrow(0, 0, p)?,
+                (k_pool, v_pool),
                 heads != kv_heads,
             )?
             .f_reshape([p, heads * head_dim])?;
@@ -152,26 +163,59 @@ pub fn attend(
     }
 }
 
-/// Causal attention of each fresh prompt (`spans` of the rows of `q`, `k`, `v`) over
-/// its own keys; `[rows, heads, head_dim]`.
-fn prefill(spans: &[(i64, i64)], q: &Tensor, k: &Tensor, v: &Tensor, gqa: bool) -> Result<Tensor> {
+/// Causal attention of each prompt (`spans` of the rows of `q`, `k`, `v`) over its
+/// own keys, after its cached prefix's keys and values read from the pools;
+/// `[rows, heads, head_dim]`.
+fn prefill(
+    spans: &[PromptSpan],
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pools: (&Tensor, &Tensor),
+    gqa: bool,
+) -> Result<Tensor> {
     let mut outs = Vec::with_capacity(spans.len());
-    for &(offset, len) in spans {
-        let per_seq = |x: &Tensor| -> Result<Tensor> {
-            Ok(x.f_narrow(0, offset, len)?
-                .f_transpose(0, 1)?
-                .f_unsqueeze(0)?)
+    for span in spans {
+        let rows = |x: &Tensor| x.f_narrow(0, span.offset, span.len);
+        // [1, heads, len, head_dim], as SDPA wants it.
+        let heads_first =
+            |x: Tensor| -> Result<Tensor> { Ok(x.f_transpose(0, 1)?.f_unsqueeze(0)?) };
+        let out = match &span.prefix {
+            None => Tensor::f_scaled_dot_product_attention::<Tensor>(
+                &heads_first(rows(q)?)?,
+                &heads_first(rows(k)?)?,
+                &heads_first(rows(v)?)?,
+                None,
+                0.0,
+                true,
+                None,
+                gqa,
+            )?,
+            Some(slots) => {
+                let cached = slots.size()[0];
+                let keys = Tensor::f_cat(&[pools.0.f_index_select(0, slots)?, rows(k)?], 0)?;
+                let values = Tensor::f_cat(&[pools.1.f_index_select(0, slots)?, rows(v)?], 0)?;
+                // Row i (position cached + i) sees keys 0..=cached + i; SDPA's own causal
+                // mask would align the rows with the first keys instead.
+                let device = q.device();
+                let key_pos = Tensor::f_arange(cached + span.len, (Kind::Int64, device))?;
+                let row_pos =
+                    Tensor::f_arange(span.len, (Kind::Int64, device))?.f_add_scalar(cached)?;
+                let mask = key_pos
+                    .f_unsqueeze(0)?
+                    .f_le_tensor(&row_pos.f_unsqueeze(1)?)?;
+                Tensor::f_scaled_dot_product_attention(
+                    &heads_first(rows(q)?)?,
+                    &heads_first(keys)?,
+                    &heads_first(values)?,
+                    Some(&mask),
+                    0.0,
+                    false,
+                    None,
+                    gqa,
+                )?
+            }
         };
-        let out = Tensor::f_scaled_dot_product_attention::<Tensor>(
-            &per_seq(q)?,
-            &per_seq(k)?,
-            &per_seq(v)?,
-            None,
-            0.0,
-            true,
-            None,
-            gqa,
-        )?;
         outs.push(out.f_squeeze_dim(0)?.f_transpose(0, 1)?);
     }
     Ok(Tensor::f_cat(&outs, 0)?)

@@ -253,6 +253,7 @@ fn request(
             min_new_tokens: 0,
         },
         block_table,
+        cached_tokens: 0,
     })
 }
 

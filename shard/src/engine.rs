@@ -12,7 +12,7 @@ use tessera_model::detokenize::IncrementalDecoder;
 use tokenizers::Tokenizer;
 use tracing::instrument;
 
-use crate::attention::{plan_decode_groups, AttentionPlan, DecodeGroup};
+use crate::attention::{plan_decode_groups, AttentionPlan, DecodeGroup, PromptSpan};
 use crate::collectives::{Communicator, GroupConfig};
 use crate::cpu_attention::{self, DecodeContexts};
 use crate::error::{EngineError, Result};
@@ -70,6 +70,9 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     pub stopping: StoppingCriteria,
     pub block_table: Vec<u32>,
+    /// The first `cached_tokens` prompt positions are already in the KV pool (a shared
+    /// prefix): the prefill computes the rest, attending to them in place.
+    pub cached_tokens: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -323,6 +326,13 @@ impl Engine {
         if r.stopping.max_new_tokens == 0 {
             return Err(bad("max_new_tokens must be at least 1".into()));
         }
+        if r.cached_tokens >= r.prompt.len() {
+            return Err(bad(format!(
+                "{} cached tokens leave nothing to compute of a {}-token prompt",
+                r.cached_tokens,
+                r.prompt.len()
+            )));
+        }
         let positions = r.prompt.len() + r.stopping.max_new_tokens as usize - 1;
         let capacity = r.block_table.len() * self.cache.block_size();
         if capacity < positions {
@@ -412,18 +422,35 @@ impl Engine {
         Ok((batch, generations, advanced))
     }
 
-    /// Appends the rows of `requests`' prompts; returns each prompt's (first row, length).
+    /// Appends the rows of `requests`' prompts, past their cached prefixes; returns
+    /// each prompt's span of rows.
     fn prompt_rows(
         &self,
         requests: &[GenerateRequest],
         rows: &mut Rows,
-    ) -> Result<Vec<(i64, i64)>> {
-        let total: usize = requests.iter().map(|r| r.prompt.len()).sum();
+    ) -> Result<Vec<PromptSpan>> {
+        let total: usize = requests
+            .iter()
+            .map(|r| r.prompt.len() - r.cached_tokens)
+            .sum();
         rows.reserve(total);
         let mut spans = Vec::with_capacity(requests.len());
         for r in requests {
-            spans.push((rows.tokens.len() as i64, r.prompt.len() as i64));
-            for (pos, &tok) in r.prompt.iter().enumerate() {
+            let cached = r.cached_tokens;
+            let prefix = if cached == 0 {
+                None
+            } else {
+                let slots = (0..cached)
+                    .map(|p| self.slot(r.id, &r.block_table, p))
+                    .collect::<Result<Vec<i64>>>()?;
+                Some(self.device_i64(&slots)?)
+            };
+            spans.push(PromptSpan {
+                offset: rows.tokens.len() as i64,
+                len: (r.prompt.len() - cached) as i64,
+                prefix,
+            });
+            for (pos, &tok) in r.prompt.iter().enumerate().skip(cached) {
                 rows.tokens.push(tok as i64);
                 rows.positions.push(pos as i64);
                 rows.slots.push(self.slot(r.id, &r.block_table, pos)?);
@@ -521,6 +548,7 @@ impl Engine {
                 ..StoppingCriteria::default()
             },
             block_table: block_table.to_vec(),
+            cached_tokens: 0,
         };
         self.check_request(&request)?;
         let n = prompt.len() as i64;
@@ -535,7 +563,11 @@ impl Engine {
             slots: self.device_i64(&slots)?,
             slots_host: slots,
             last_index: self.device_i64(&[n - 1])?,
-            attention: AttentionPlan::Prefill(vec![(0, n)]),
+            attention: AttentionPlan::Prefill(vec![PromptSpan {
+                offset: 0,
+                len: n,
+                prefix: None,
+            }]),
         };
         let logits = self.model.forward(&mut self.cache, &input)?;
         Ok(Vec::<f32>::try_from(

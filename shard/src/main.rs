@@ -93,6 +93,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             min_new_tokens: 0,
         },
         block_table,
+        cached_tokens: 0,
     };
     let mut out = std::io::stdout().lock();
     let (mut batch, mut generations) = engine.prefill(vec![request])?;

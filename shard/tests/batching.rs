@@ -272,3 +272,97 @@ fn mixed_lengths_equal_each_alone(mut engine: tessera_shard::Engine) {
     }
     assert_eq!(together.len(), prompts.len());
 }
+
+/// Prefix caching: a request whose first blocks already hold another request's keys
+/// and values for the same prefix (`cached_tokens`) computes only the rest of its
+/// prompt and still gets exactly its solo tokens, alone, batched with a fresh prompt,
+/// and inside a running batch's decode step; down to a single uncached token.
+#[test]
+fn prompts_after_a_cached_prefix_equal_each_prompt_alone() {
+    let mut engine = load(&default_model(), tch::Kind::Float);
+    let mut blocks = allocator(&engine);
+    let block = engine.cache().block_size();
+    let new_tokens = 10u32;
+    let system = "You are a helpful assistant who answers in one short sentence. ".repeat(3);
+    let first = engine
+        .encode(&format!("{system}Q: What is the capital of France?\nA:"))
+        .unwrap();
+    let cached_blocks = (first.len() - 1) / block;
+    assert!(cached_blocks >= 2, "the prefix spans blocks");
+    let prefix = &first[..cached_blocks * block];
+    // Prompts that share the first request's cached blocks: a new question, the same
+    // prompt again, and the prefix plus one token.
+    let mut second = prefix.to_vec();
+    second.extend(engine.encode(" Q: Name a primary color.\nA:").unwrap());
+    let mut exact = prefix.to_vec();
+    exact.push(first[prefix.len()]);
+    let followers = [second, first.clone(), exact];
+
+    let alone: Vec<Vec<u32>> = followers
+        .iter()
+        .map(|p| {
+            let r = greedy_request(&engine, &mut blocks, 100, p.clone(), new_tokens);
+            let table = r.block_table.clone();
+            let tokens = run_alone(&mut engine, r);
+            blocks.release(table);
+            tokens
+        })
+        .collect();
+
+    // The first request fills the prefix's blocks and keeps them.
+    let owner = greedy_request(&engine, &mut blocks, 0, first.clone(), new_tokens);
+    let shared: Vec<u32> = owner.block_table[..cached_blocks].to_vec();
+    let (mut running, _) = engine.prefill(vec![owner]).unwrap();
+    engine.decode(&mut running).unwrap();
+
+    let follower = |engine: &tessera_shard::Engine,
+                    blocks: &mut tessera_shard::kv_cache::BlockAllocator,
+                    id: u64,
+                    prompt: &Vec<u32>| {
+        let mut r = greedy_request(engine, blocks, id, prompt.clone(), new_tokens);
+        // Its own blocks for the rest; the shared ones for the prefix.
+        let own = r.block_table.split_off(cached_blocks);
+        blocks.release(r.block_table.clone());
+        r.block_table = shared.iter().copied().chain(own).collect();
+        r.cached_tokens = cached_blocks * block;
+        r
+    };
+    for (i, prompt) in followers.iter().enumerate() {
+        // Alone, and batched with a fresh prompt of its own.
+        let r = follower(&engine, &mut blocks, 1, prompt);
+        let fresh = greedy_request(&engine, &mut blocks, 2, followers[0].clone(), new_tokens);
+        for (batched, requests) in [(false, vec![r.clone()]), (true, vec![fresh, r])] {
+            let (mut batch, first_tokens) = engine.prefill(requests).unwrap();
+            let mut tokens: Vec<u32> = first_tokens
+                .iter()
+                .filter(|g| g.request_id == 1)
+                .map(|g| g.token_id)
+                .collect();
+            while !batch.is_empty() {
+                for g in engine.decode(&mut batch).unwrap() {
+                    if g.request_id == 1 {
+                        tokens.push(g.token_id);
+                    }
+                }
+                batch.remove_finished();
+            }
+            assert_eq!(tokens, alone[i], "follower {i}, batched {batched}");
+        }
+        // Inside the running batch's decode step.
+        let r = follower(&engine, &mut blocks, 3, prompt);
+        let (mut joined, first_tokens, _) =
+            engine.prefill_and_decode(vec![r], &mut running).unwrap();
+        let mut tokens: Vec<u32> = first_tokens.iter().map(|g| g.token_id).collect();
+        while !joined.is_empty() {
+            tokens.extend(
+                engine
+                    .decode(&mut joined)
+                    .unwrap()
+                    .iter()
+                    .map(|g| g.token_id),
+            );
+            joined.remove_finished();
+        }
+        assert_eq!(tokens, alone[i], "follower {i} inside a decode step");
+    }
+}

@@ -97,12 +97,15 @@ fn bad_requests_are_rejected_before_running() {
     too_few_blocks.block_table.truncate(1);
     let mut bad_sampling = greedy_request(&engine, &mut blocks, 4, vec![3], 4);
     bad_sampling.sampling.top_p = 1.5;
+    let mut all_cached = greedy_request(&engine, &mut blocks, 5, vec![3; 16], 4);
+    all_cached.cached_tokens = 16;
 
     for (request, needle) in [
         (empty, "no tokens"),
         (out_of_vocab, "outside the vocabulary"),
         (too_few_blocks, "block table"),
         (bad_sampling, "top_p"),
+        (all_cached, "leave nothing to compute"),
     ] {
         let id = request.id;
         match engine.prefill(vec![request]) {

@@ -643,3 +643,63 @@ fn a_client_leaving_counts_as_one_cancelled_request() {
         "tessera_requests_total{{outcome=\"cancelled\"}} went from {before} to {after} for one client that left"
     );
 }
+
+/// Prefix caching, as a chat's next turn resends the conversation so far: the same
+/// long prompt sent again reuses the cached keys and values of its full blocks
+/// (`tessera_prefix_cache_hits_tokens_total` grows by them) and answers token for
+/// token as the first time; reference prompts sent again still give Transformers'
+/// continuations.
+#[test]
+fn a_repeated_prompt_reuses_its_cached_prefix_with_the_same_answer() {
+    let server = SERVER.lock();
+    let http = &server.http;
+    let prompt = format!(
+        "{}\nUser: Which of these cities lies furthest north?\nAssistant:",
+        "Zanzibar, Quito, Oslo and Perth are cities that a travel quiz asks about. ".repeat(6)
+    );
+    let n_prompt = http
+        .ok_json("/tokenize", &json!({"inputs": prompt}))
+        .as_array()
+        .unwrap()
+        .len();
+    let block = 16;
+    let shareable = (n_prompt - 1) / block * block;
+    assert!(
+        shareable >= 64,
+        "a prompt of {n_prompt} tokens spans several blocks"
+    );
+    let body = json!({"inputs": prompt, "parameters": {
+        "max_new_tokens": 24, "details": true, "ignore_eos": true, "do_sample": false}});
+    let hits = || http.metric("tessera_prefix_cache_hits_tokens_total");
+    let first = http.ok_json("/generate", &body);
+    let before = hits();
+    let second = http.ok_json("/generate", &body);
+    let after = hits();
+    assert_eq!(
+        token_ids(&second["details"]),
+        token_ids(&first["details"]),
+        "the cached prefix changed the answer"
+    );
+    assert_eq!(second["generated_text"], first["generated_text"]);
+    assert!(
+        after - before >= shareable as f64,
+        "prefix cache hits grew by {} tokens, want at least {shareable}",
+        after - before
+    );
+    for case in cases() {
+        for pass in 0..2 {
+            let answer = http.ok_json(
+                "/generate",
+                &json!({"inputs": case.prompt, "parameters": {
+                    "max_new_tokens": 32, "details": true, "ignore_eos": true,
+                    "do_sample": false}}),
+            );
+            assert_eq!(
+                token_ids(&answer["details"]),
+                case.generated_ids,
+                "{}: pass {pass}",
+                case.name
+            );
+        }
+    }
+}

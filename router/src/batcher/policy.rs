@@ -72,6 +72,7 @@ mod tests {
             max_waiting_tokens: 5,
             waiting_served_ratio: 0.5,
             decode_in_prefill: true,
+            prefix_caching: true,
         }
     }
 

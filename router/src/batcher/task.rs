@@ -114,7 +114,8 @@ impl BatchingTask {
         metrics: &Metrics,
         health: HealthReporter,
     ) -> Self {
-        let blocks = BlockAllocator::new(num_blocks, block_size, config.max_batch_total_tokens);
+        let blocks = BlockAllocator::new(num_blocks, block_size, config.max_batch_total_tokens)
+            .with_prefix_caching(config.prefix_caching);
         let metrics = metrics.replica_ranks(replica, client.world_size());
         metrics.kv_blocks_free.set(i64::from(blocks.free()));
         metrics.kv_blocks_used.set(0);
@@ -236,6 +237,9 @@ impl BatchingTask {
         self.metrics
             .kv_blocks_used
             .set(i64::from(self.blocks.used()));
+        self.metrics
+            .kv_blocks_cached
+            .set(i64::from(self.blocks.cached()));
         let load = Load {
             free_blocks: u64::from(self.blocks.free()),
             queued_blocks: self.waiting.iter().map(|(_, e)| self.need(e).blocks).sum(),
@@ -304,7 +308,10 @@ impl BatchingTask {
             // Admitted: its wait in the queue ends here.
             entry.queue_span = Span::none();
             let need = self.need(&entry);
-            let Some(blocks) = self.blocks.allocate(need.blocks) else {
+            let Some(allocation) = self
+                .blocks
+                .allocate_for_prompt(&entry.request.input_ids, need.blocks)
+            else {
                 // admit() checked the free blocks; this cannot happen, but never lose a request.
                 entry.fail(InferError::Unavailable("no free KV blocks".into()));
                 continue;
@@ -339,8 +346,14 @@ impl BatchingTask {
                     ignore_eos: r.stopping.ignore_eos,
                     min_new_tokens: r.stopping.min_new_tokens,
                 }),
-                blocks: blocks.clone(),
+                blocks: allocation.blocks.clone(),
+                cached_tokens: allocation.cached_tokens,
             });
+            self.metrics.prefix_cache_queries.inc_by(need.input_tokens);
+            self.metrics
+                .prefix_cache_hits
+                .inc_by(u64::from(allocation.cached_tokens));
+            let blocks = allocation.blocks;
             new.insert(
                 id,
                 Active {
@@ -403,6 +416,11 @@ impl BatchingTask {
                         .observe(t.forward_ns as f64 / 1e9);
                 }
                 observe_ranks(&self.metrics.rank_prefill, &ranks);
+                // Their prompts' blocks are written now: later prompts may share them.
+                for active in new.values() {
+                    self.blocks
+                        .register(&active.entry.request.input_ids, &active.blocks);
+                }
                 let mut ids: Vec<u64> = new.keys().copied().collect();
                 ids.extend(running);
                 self.running.requests.extend(new);
@@ -487,7 +505,8 @@ impl BatchingTask {
             }
             Err(e) => {
                 warn!("replica {}: decode failed: {e}", self.replica);
-                self.fail_running(self.shard_failed(&e));
+                let error = self.shard_failed(&e);
+                self.fail_running(error);
                 for id in batch_ids {
                     let _ = self.client.clear_cache(Some(id)).await;
                 }
@@ -497,8 +516,10 @@ impl BatchingTask {
 
     /// The error for the requests of a failed step; this replica takes no new
     /// requests until its health checker hears from the shards again.
-    fn shard_failed(&self, e: &ClientError) -> InferError {
+    fn shard_failed(&mut self, e: &ClientError) -> InferError {
         self.health.set(Health::Down(e.to_string()));
+        // What the failed step wrote (or did not) is unknown: share no cached prefix.
+        self.blocks.forget_prefixes();
         InferError::Generation(e.to_string())
     }
 
@@ -605,7 +626,8 @@ impl BatchingTask {
                     "replica {}: filtering batch {batch_id} failed: {e}",
                     self.replica
                 );
-                self.fail_running(self.shard_failed(&e));
+                let error = self.shard_failed(&e);
+                self.fail_running(error);
                 let _ = self.client.clear_cache(Some(batch_id)).await;
             }
         }

@@ -15,6 +15,7 @@ pub fn request(r: pb::Request, eos_token_ids: &[u32]) -> GenerateRequest {
     GenerateRequest {
         id: r.id,
         prompt: r.input_ids,
+        cached_tokens: r.cached_tokens as usize,
         sampling: SamplingParams {
             temperature: sampling.temperature,
             do_sample: sampling.do_sample,
@@ -107,11 +108,13 @@ mod tests {
                 min_new_tokens: 2,
             }),
             blocks: vec![5, 6],
+            cached_tokens: 2,
         };
         let g = request(r, &[0, 2]);
         assert_eq!(g.id, 7);
         assert_eq!(g.prompt, vec![1, 2, 3]);
         assert_eq!(g.block_table, vec![5, 6]);
+        assert_eq!(g.cached_tokens, 2);
         assert_eq!(g.sampling.seed, Some(42));
         assert_eq!(g.sampling.top_k, 4);
         assert_eq!(g.sampling.top_n_tokens, 2);

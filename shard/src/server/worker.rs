@@ -516,6 +516,7 @@ fn warmup(engine: &mut Engine, max_prefill_tokens: u32, max_batch_size: u32) -> 
             block_table: (i * blocks_per_seq..(i + 1) * blocks_per_seq)
                 .map(|b| b as u32)
                 .collect(),
+            cached_tokens: 0,
         })
         .collect();
     let (mut batch, _) = engine.prefill(requests)?;
@@ -571,6 +572,7 @@ mod tests {
                 ..StoppingCriteria::default()
             },
             block_table: (id as u32 * 4..id as u32 * 4 + 4).collect(),
+            cached_tokens: 0,
         }
     }
 

@@ -70,6 +70,7 @@ pub fn sampled_request(
             min_new_tokens: 0,
         },
         block_table,
+        cached_tokens: 0,
     }
 }
 
