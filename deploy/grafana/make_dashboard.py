@@ -252,6 +252,14 @@ def build():
                       for q, l in quantiles("tessera_shard_forward_duration_seconds",
                                             by="le, phase, instance, replica, rank",
                                             selector=REPL)[2:3]], "s"), 8, 8)
+    g.add(timeseries("Prefix cache hit rate",
+                     "Share of admitted prompt tokens whose keys and values came from the "
+                     "prefix cache (a shared system prompt, a chat's earlier turns), per "
+                     "replica.",
+                     [(f"sum by ({by}) (rate(tessera_prefix_cache_hits_tokens_total{{{REPL}}}"
+                       f"[{RATE}])) / sum by ({by}) "
+                       f"(rate(tessera_prefix_cache_queries_tokens_total{{{REPL}}}[{RATE}]))",
+                       legend)], "percentunit", maximum=1), 8, 8)
     return g.panels
 
 

@@ -38,6 +38,11 @@ pub struct BenchArgs {
     /// Timed repetitions of each prefill.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Prompt length of the mixed-step measurement: at each batch size, a prefill of
+    /// this many tokens and one decode step of the batch, run apart and then as one
+    /// forward pass (what `--decode-in-prefill` does); 0 skips it.
+    #[arg(long, default_value_t = 256)]
+    pub mixed_prompt: usize,
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -82,6 +87,10 @@ pub struct Figures {
     /// means over the timed repeats.
     #[serde(default)]
     pub prefill_stages: Vec<(usize, Vec<(String, f64)>)>,
+    /// (batch size, prompt length, seconds for a prefill and a decode step apart,
+    /// seconds for both in one forward pass), medians.
+    #[serde(default)]
+    pub mixed_steps: Vec<(usize, usize, f64, f64)>,
 }
 
 /// Largest number of prompt tokens prefilled in one forward pass by the decode benchmark.
@@ -124,6 +133,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .args(["--decode-context", &args.decode_context.to_string()])
                 .args(["--decode-steps", &args.decode_steps.to_string()])
                 .args(["--repeats", &args.repeats.to_string()])
+                .args(["--mixed-prompt", &args.mixed_prompt.to_string()])
                 .args([
                     "--world-size",
                     &world.to_string(),
@@ -200,6 +210,14 @@ fn print_figures(f: &Figures) {
     }
     for (b, stage_times) in &f.decode_stages {
         print_stages(&format!("decode batch {b:>3}"), "step", stage_times);
+    }
+    for (b, len, apart, together) in &f.mixed_steps {
+        println!(
+            "  prefill {len} tokens + decode batch {b:>3}: {:.1} ms apart, {:.1} ms in one pass ({:.2}x)",
+            apart * 1e3,
+            together * 1e3,
+            apart / together.max(1e-12)
+        );
     }
     println!("  peak RSS             {:>9.1} MiB", f.peak_rss_mib);
 }
@@ -312,9 +330,10 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
     let mut decode = Vec::new();
     let mut collectives = Vec::new();
     let mut stages = Vec::new();
+    let mut mixed_steps = Vec::new();
     let warmup = 2;
     for &b in &args.batch_sizes {
-        let steps = (args.decode_steps + warmup + 1) as u32;
+        let steps = (args.decode_steps + warmup + 1 + 2 * MIXED_REPEATS) as u32;
         // Prompts are prefilled in groups of at most PREFILL_TOKENS tokens, as a router
         // with a prefill budget would, and merged into one running batch.
         let mut batch = crate::Batch::default();
@@ -366,6 +385,11 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
             let share = median(exchange.iter().map(|e| e.1).collect());
             collectives.push((b, seconds, share));
         }
+        if args.mixed_prompt > 0 {
+            let (apart, together) =
+                measure_mixed(&mut engine, &mut blocks, &mut batch, args.mixed_prompt)?;
+            mixed_steps.push((b, args.mixed_prompt, apart, together));
+        }
         for (_, table) in batch.filter(&[]) {
             blocks.release(table);
         }
@@ -383,7 +407,43 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
         decode_collectives: collectives,
         decode_stages: stages,
         prefill_stages,
+        mixed_steps,
     })
+}
+
+/// Rounds of the mixed-step measurement (each takes two decode steps of the batch).
+const MIXED_REPEATS: usize = 4;
+
+/// Median seconds of a `len`-token prefill followed by a decode step of `batch`, and of
+/// both in one forward pass (`Engine::prefill_and_decode`), alternated.
+fn measure_mixed(
+    engine: &mut Engine,
+    blocks: &mut BlockAllocator,
+    batch: &mut crate::Batch,
+    len: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let vocab = engine.model_config().vocab_size;
+    let (mut apart, mut together) = (Vec::new(), Vec::new());
+    for round in 0..MIXED_REPEATS {
+        for fused in [false, true] {
+            let id = 1_000_000 + (2 * round + usize::from(fused)) as u64;
+            let r = request(engine, blocks, id, prompt(id as usize, len, vocab), 1)?;
+            let t = Instant::now();
+            let mut fresh = if fused {
+                engine.prefill_and_decode(vec![r], batch)?.0
+            } else {
+                let (fresh, _) = engine.prefill(vec![r])?;
+                engine.decode(batch)?;
+                fresh
+            };
+            let elapsed = t.elapsed().as_secs_f64();
+            if fused { &mut together } else { &mut apart }.push(elapsed);
+            for (_, table) in fresh.filter(&[]) {
+                blocks.release(table);
+            }
+        }
+    }
+    Ok((median(apart), median(together)))
 }
 
 /// The process's peak resident set (VmHWM), in MiB.

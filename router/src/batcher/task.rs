@@ -365,8 +365,7 @@ impl BatchingTask {
                 },
             );
         }
-        // The running requests advance in this call too (their traces were sent
-        // with their own prefill).
+        // The running batches take their decode step in this call too.
         let decode_ids = if self.config.decode_in_prefill {
             std::mem::take(&mut self.running.batch_ids)
         } else {
