@@ -1,10 +1,13 @@
 //! The decode attention kernel in AVX-512 intrinsics, for head sizes that are a
 //! multiple of 16 (one 512-bit register of f32 per 16 elements).
 //!
-//! Per sequence, position by position (each slot holds all KV heads side by side, so
-//! the pools are read sequentially): each cached key row is widened to f32 once and
-//! scored against every query head of its group with fused multiply-adds; the softmax
-//! runs in f32; each value row is widened once and accumulated into every head's output.
+//! Per sequence and KV head, position by position: each cached key row is widened to
+//! f32 once and scored against every query head of its group with fused multiply-adds;
+//! the softmax runs in f32; each value row is widened once and accumulated into every
+//! head's output. For up to 8 query heads per KV head, the group's queries and output
+//! sums stay in registers for the whole context (measured with the `timing` test: 1.3-1.5x
+//! faster when the keys and values are in cache; at 30 layers of batch 32, where they
+//! come from memory, it reads the ~10 GB/s this machine gives either way).
 
 use std::arch::x86_64::*;
 
@@ -61,6 +64,83 @@ pub struct Sequence<'a, T> {
 /// `kv_heads`, and `scores` `heads * rows.len()`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub unsafe fn sequence<T: Load16, const C: usize>(s: Sequence<'_, T>) {
+    let heads = s.query.len() / (16 * C);
+    match heads / s.kv_heads {
+        1 => grouped::<T, C, 1>(s),
+        2 => grouped::<T, C, 2>(s),
+        3 => grouped::<T, C, 3>(s),
+        4 => grouped::<T, C, 4>(s),
+        5 => grouped::<T, C, 5>(s),
+        6 => grouped::<T, C, 6>(s),
+        7 => grouped::<T, C, 7>(s),
+        8 => grouped::<T, C, 8>(s),
+        _ => any_group::<T, C>(s),
+    }
+}
+
+/// [`sequence`] for `G` query heads per KV head: one KV head at a time, its `G` query
+/// heads and their output accumulators held in registers over all positions (`G * C`
+/// vectors each), so the pools are the only memory the inner loops read and nothing is
+/// written until a head's sum is done. Same operations in the same order as
+/// [`any_group`], so the same results.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn grouped<T: Load16, const C: usize, const G: usize>(s: Sequence<'_, T>) {
+    let len = s.rows.len();
+    let heads = s.query.len() / (16 * C);
+    let q = s.query.as_ptr();
+    let scores = s.scores.as_mut_ptr();
+    for h in 0..s.kv_heads {
+        let mut qh = [[_mm512_setzero_ps(); C]; G];
+        for (g, qg) in qh.iter_mut().enumerate() {
+            for (c, qc) in qg.iter_mut().enumerate() {
+                *qc = _mm512_loadu_ps(q.add(((h * G + g) * C + c) * 16));
+            }
+        }
+        for (p, &row) in s.rows.iter().enumerate() {
+            let slot = s.keys.as_ptr().add(row + h * C * 16);
+            let mut k = [_mm512_setzero_ps(); C];
+            for (c, kc) in k.iter_mut().enumerate() {
+                *kc = T::load16(slot.add(c * 16));
+            }
+            for (g, qg) in qh.iter().enumerate() {
+                let mut acc = _mm512_mul_ps(qg[0], k[0]);
+                for c in 1..C {
+                    acc = _mm512_fmadd_ps(qg[c], k[c], acc);
+                }
+                *scores.add((h * G + g) * len + p) = _mm512_reduce_add_ps(acc);
+            }
+        }
+    }
+    for row in s.scores[..heads * len].chunks_exact_mut(len) {
+        softmax(row);
+    }
+    let o = s.out.as_mut_ptr();
+    for h in 0..s.kv_heads {
+        let mut acc = [[_mm512_setzero_ps(); C]; G];
+        for (p, &row) in s.rows.iter().enumerate() {
+            let slot = s.values.as_ptr().add(row + h * C * 16);
+            let mut v = [_mm512_setzero_ps(); C];
+            for (c, vc) in v.iter_mut().enumerate() {
+                *vc = T::load16(slot.add(c * 16));
+            }
+            for (g, ag) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*scores.add((h * G + g) * len + p));
+                for c in 0..C {
+                    ag[c] = _mm512_fmadd_ps(w, v[c], ag[c]);
+                }
+            }
+        }
+        for (g, ag) in acc.iter().enumerate() {
+            for (c, ac) in ag.iter().enumerate() {
+                _mm512_storeu_ps(o.add(((h * G + g) * C + c) * 16), *ac);
+            }
+        }
+    }
+}
+
+/// [`sequence`] for any number of query heads per KV head.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn any_group<T: Load16, const C: usize>(s: Sequence<'_, T>) {
     let len = s.rows.len();
     let heads = s.query.len() / (16 * C);
     let group = heads / s.kv_heads;

@@ -558,18 +558,28 @@ mod tests {
     use super::*;
     use tch::Device;
 
-    /// The kernel against libtorch's own attention on gathered keys and values.
+    /// The kernel against libtorch's own attention on gathered keys and values, with
+    /// 1 to 9 query heads per KV head (past the groups the AVX-512 kernel specialises)
+    /// and head sizes it takes and one it does not.
     fn check(kind: Kind, tolerance: f64) {
-        for head_dim in [24, 64, 128] {
-            for implementation in [Implementation::Best, Implementation::Portable] {
-                check_one(kind, tolerance, head_dim, implementation);
+        for (heads, kv_heads) in [(6, 2), (4, 4), (9, 1)] {
+            for head_dim in [24, 64, 128] {
+                for implementation in [Implementation::Best, Implementation::Portable] {
+                    let shape = (heads, kv_heads, head_dim);
+                    check_one(kind, tolerance, shape, implementation);
+                }
             }
         }
     }
 
-    fn check_one(kind: Kind, tolerance: f64, head_dim: i64, implementation: Implementation) {
+    fn check_one(
+        kind: Kind,
+        tolerance: f64,
+        (heads, kv_heads, head_dim): (i64, i64, i64),
+        implementation: Implementation,
+    ) {
         tch::manual_seed(7);
-        let (heads, kv_heads, pool) = (6i64, 2i64, 80i64);
+        let pool = 80i64;
         let k_pool = Tensor::randn([pool, kv_heads, head_dim], (Kind::Float, Device::Cpu));
         let v_pool = Tensor::randn([pool, kv_heads, head_dim], (Kind::Float, Device::Cpu));
         // Lengths below, at and past one 16-lane vector; scattered, distinct slots.
