@@ -92,6 +92,8 @@ async fn fake_batcher(mut entries: mpsc::UnboundedReceiver<Entry>) {
                             generated_tokens: i,
                             finish_reason,
                             seed: Some(request.parameters.seed),
+                            // As if every prompt token but the last came from the prefix cache.
+                            cached_tokens: request.input_ids.len().saturating_sub(1) as u32,
                         },
                         queued,
                         start,
@@ -433,6 +435,13 @@ async fn chat_completion_excludes_the_stop_sequence() {
         usage["total_tokens"].as_u64().unwrap(),
         usage["prompt_tokens"].as_u64().unwrap() + 8
     );
+    // The prompt counts once for both choices, its cached tokens too.
+    assert_eq!(
+        usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() - 1
+    );
 }
 
 #[tokio::test]
@@ -472,6 +481,12 @@ async fn chat_stream_chunks() {
     let usage = chunks.last().unwrap();
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"]["completion_tokens"], 5);
+    assert_eq!(
+        usage["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap(),
+        usage["usage"]["prompt_tokens"].as_u64().unwrap() - 1
+    );
     // Intermediate chunks never contain a piece of the stop sequence.
     assert!(chunks.iter().all(|c| !c.to_string().contains('#')));
 }

@@ -646,7 +646,8 @@ fn a_client_leaving_counts_as_one_cancelled_request() {
 
 /// Prefix caching, as a chat's next turn resends the conversation so far: the same
 /// long prompt sent again reuses the cached keys and values of its full blocks
-/// (`tessera_prefix_cache_hits_tokens_total` grows by them) and answers token for
+/// (`tessera_prefix_cache_hits_tokens_total` grows by them, and OpenAI's
+/// `usage.prompt_tokens_details.cached_tokens` reports them) and answers token for
 /// token as the first time; reference prompts sent again still give Transformers'
 /// continuations.
 #[test]
@@ -685,6 +686,17 @@ fn a_repeated_prompt_reuses_its_cached_prefix_with_the_same_answer() {
         after - before >= shareable as f64,
         "prefix cache hits grew by {} tokens, want at least {shareable}",
         after - before
+    );
+    // OpenAI's usage reports them too.
+    let completion = http.ok_json(
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 4, "temperature": 0}),
+    );
+    let usage = &completion["usage"];
+    assert_eq!(usage["prompt_tokens"], n_prompt, "{usage}");
+    assert!(
+        usage["prompt_tokens_details"]["cached_tokens"].as_u64() >= Some(shareable as u64),
+        "{usage}"
     );
     for case in cases() {
         for pass in 0..2 {

@@ -22,6 +22,8 @@ use crate::metrics::{Metrics, ReplicaMetrics};
 struct Active {
     entry: Entry,
     blocks: Vec<u32>,
+    /// Prompt tokens served from the prefix cache.
+    cached_tokens: u32,
     start: Instant,
     generated: u32,
     text: String,
@@ -359,6 +361,7 @@ impl BatchingTask {
                 Active {
                     entry,
                     blocks,
+                    cached_tokens: allocation.cached_tokens,
                     start,
                     generated: 0,
                     text: String::new(),
@@ -578,6 +581,7 @@ impl BatchingTask {
                         .record("generated_tokens", active.generated)
                         .record("finish_reason", reason.as_tgi());
                     let generated_text = GeneratedText {
+                        cached_tokens: active.cached_tokens,
                         text: active.text,
                         generated_tokens: active.generated,
                         finish_reason: reason,

@@ -64,6 +64,7 @@ use super::tgi::{self, schema as tgi_schema};
         oai::CompletionChoice,
         oai::CompletionLogprobs,
         oai::Usage,
+        oai::PromptTokensDetails,
         oai::ModelList,
         oai::ModelCard,
     )),

@@ -101,6 +101,8 @@ pub struct GeneratedText {
     pub generated_tokens: u32,
     pub finish_reason: FinishReason,
     pub seed: Option<u64>,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_tokens: u32,
 }
 
 /// One event of a request's stream.

@@ -10,8 +10,9 @@ use super::common::{
     chat_logprob, generate_parameters, visible_tokens, ResponseMeta, TokenWithTop,
 };
 use super::schema::{
-    ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    ChatDelta, ChatLogprobs, ChatMessageOut, ChatRequestMessage, MessageContent, Usage,
+    cached_prompt_tokens, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
+    ChatCompletionRequest, ChatDelta, ChatLogprobs, ChatMessageOut, ChatRequestMessage,
+    MessageContent, Usage,
 };
 use super::stream::{spawn_stream, ChoiceStream, ChunkWriter, StreamPlan};
 use crate::http::error::{ApiError, ErrorBody};
@@ -120,6 +121,7 @@ async fn chat(
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
             prompt_tokens,
+            copies: n as usize,
         };
         return Ok(spawn_stream(
             plan,
@@ -169,7 +171,13 @@ async fn chat(
         model: meta.model,
         system_fingerprint: meta.system_fingerprint,
         choices,
-        usage: Usage::new(prompt_tokens, completion_tokens),
+        usage: Usage::new(prompt_tokens, completion_tokens).with_cached(cached_prompt_tokens(
+            &collected
+                .iter()
+                .map(|c| c.response.generated_text.cached_tokens)
+                .collect::<Vec<_>>(),
+            n as usize,
+        )),
     })
     .into_response())
 }

@@ -11,7 +11,8 @@ use super::common::{
     extend_completion_logprobs, generate_parameters, visible_tokens, ResponseMeta, TokenWithTop,
 };
 use super::schema::{
-    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Prompt, Usage,
+    cached_prompt_tokens, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
+    Prompt, Usage,
 };
 use super::stream::{spawn_stream, ChoiceStream, ChunkWriter, StreamPlan};
 use crate::http::error::{ApiError, ErrorBody};
@@ -110,6 +111,7 @@ async fn complete(
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
             prompt_tokens,
+            copies: n as usize,
         };
         let writer = CompletionChunkWriter {
             meta,
@@ -160,7 +162,15 @@ async fn complete(
         model: meta.model,
         system_fingerprint: meta.system_fingerprint,
         choices,
-        usage: Some(Usage::new(prompt_tokens, completion_tokens)),
+        usage: Some(
+            Usage::new(prompt_tokens, completion_tokens).with_cached(cached_prompt_tokens(
+                &collected
+                    .iter()
+                    .map(|c| c.response.generated_text.cached_tokens)
+                    .collect::<Vec<_>>(),
+                n as usize,
+            )),
+        ),
     })
     .into_response())
 }

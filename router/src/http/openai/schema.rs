@@ -154,6 +154,14 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    /// As OpenAI reports it: how many prompt tokens came from the prefix cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: u32,
 }
 
 impl Usage {
@@ -162,8 +170,22 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: None,
         }
     }
+
+    /// With `prompt_tokens_details.cached_tokens`.
+    pub fn with_cached(mut self, cached_tokens: u32) -> Self {
+        self.prompt_tokens_details = Some(PromptTokensDetails { cached_tokens });
+        self
+    }
+}
+
+/// Cached prompt tokens of a request whose sequences are `copies` consecutive copies of
+/// each prompt (`n`): each prompt counts once, as in `prompt_tokens`, with its first
+/// copy's figure.
+pub fn cached_prompt_tokens(per_sequence: &[u32], copies: usize) -> u32 {
+    per_sequence.iter().step_by(copies.max(1)).sum()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -406,6 +428,19 @@ mod tests {
         let r: CompletionRequest = serde_json::from_value(json!({"prompt": ["a", "b"]})).unwrap();
         assert_eq!(r.prompt.into_vec().len(), 2);
         assert!(serde_json::from_value::<CompletionRequest>(json!({"prompt": 5})).is_err());
+    }
+
+    #[test]
+    fn usage_reports_cached_prompt_tokens_once_per_prompt() {
+        // Two prompts, n = 2: each prompt's first copy counts.
+        assert_eq!(cached_prompt_tokens(&[16, 16, 32, 48], 2), 48);
+        assert_eq!(cached_prompt_tokens(&[16, 0], 1), 16);
+        let usage = Usage::new(40, 2).with_cached(32);
+        assert_eq!(
+            serde_json::to_value(usage).unwrap(),
+            json!({"prompt_tokens": 40, "completion_tokens": 2, "total_tokens": 42,
+                "prompt_tokens_details": {"cached_tokens": 32}})
+        );
     }
 
     #[test]

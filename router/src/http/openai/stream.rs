@@ -11,7 +11,7 @@ use futures::StreamExt;
 use tracing::Instrument;
 
 use super::common::TokenWithTop;
-use super::schema::Usage;
+use super::schema::{cached_prompt_tokens, Usage};
 use crate::http::error::ApiError;
 use crate::http::request_metrics::{GenerationStats, RequestMetrics};
 use crate::http::sse::{done_event, error_event, sse_channel, SseSender};
@@ -48,6 +48,8 @@ pub struct StreamPlan {
     pub include_usage: bool,
     /// Prompt tokens of the whole request (each prompt counted once).
     pub prompt_tokens: u32,
+    /// Consecutive choices per prompt (`n`).
+    pub copies: usize,
 }
 
 /// Starts the stream task and returns the SSE response.
@@ -64,6 +66,7 @@ pub fn spawn_stream<W: ChunkWriter>(
         logprobs: plan.logprobs,
         include_usage: plan.include_usage,
         prompt_tokens: plan.prompt_tokens,
+        copies: plan.copies,
     };
     tokio::spawn(
         task.run(plan.choices, plan.stop_sequences)
@@ -84,6 +87,7 @@ struct StreamTask<W> {
     logprobs: bool,
     include_usage: bool,
     prompt_tokens: u32,
+    copies: usize,
 }
 
 impl<W: ChunkWriter> StreamTask<W> {
@@ -111,6 +115,7 @@ impl<W: ChunkWriter> StreamTask<W> {
                 .map(|c| c.stream.map(move |event| (c.index, event))),
         );
         let mut completion_tokens = 0u32;
+        let mut cached = vec![0u32; remaining];
         let mut times: Option<(Instant, Instant)> = None;
         while remaining > 0 {
             let next = tokio::select! {
@@ -161,6 +166,9 @@ impl<W: ChunkWriter> StreamTask<W> {
                         state.tokens.push((token.clone(), top_tokens));
                     }
                     completion_tokens += generated_text.generated_tokens;
+                    if let Some(c) = cached.get_mut(index as usize) {
+                        *c = generated_text.cached_tokens;
+                    }
                     times = Some(match times {
                         Some((q, s)) => (q.min(queued), s.min(start)),
                         None => (queued, start),
@@ -179,7 +187,8 @@ impl<W: ChunkWriter> StreamTask<W> {
             }
         }
         if self.include_usage {
-            let usage = Usage::new(self.prompt_tokens, completion_tokens);
+            let usage = Usage::new(self.prompt_tokens, completion_tokens)
+                .with_cached(cached_prompt_tokens(&cached, self.copies));
             let frame = self.writer.usage(usage);
             if !self.tx.send(frame).await {
                 return;
