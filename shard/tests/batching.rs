@@ -30,18 +30,23 @@ fn batched_decoding_with_joins_equals_each_prompt_alone() {
 #[test]
 fn joins_sharing_the_decode_step_equal_each_prompt_alone() {
     for grouped in [false, true] {
-        let engine = tessera_shard::Engine::load(
-            &default_model(),
-            &tessera_shard::EngineConfig {
-                kind: tch::Kind::Float,
-                max_kv_tokens: 8192,
-                grouped_decode_attention: grouped,
-                ..tessera_shard::EngineConfig::default()
-            },
-        )
-        .expect("loading the default model");
-        joins_equal_each_prompt_alone(engine, true);
+        joins_equal_each_prompt_alone(f32_engine(grouped), true);
     }
+}
+
+/// The default model in f32; with `grouped`, decode attention gathers into padded
+/// groups and runs batched matmuls (CUDA's path) instead of the in-place CPU kernel.
+fn f32_engine(grouped: bool) -> tessera_shard::Engine {
+    tessera_shard::Engine::load(
+        &default_model(),
+        &tessera_shard::EngineConfig {
+            kind: tch::Kind::Float,
+            max_kv_tokens: 8192,
+            grouped_decode_attention: grouped,
+            ..tessera_shard::EngineConfig::default()
+        },
+    )
+    .expect("loading the default model")
 }
 
 /// Two prompts start; two more join after 1 step, three after 3 steps, the last after
@@ -211,17 +216,7 @@ fn half_precisions_run_on_safetensors_models() {
 #[test]
 fn decoding_contexts_of_very_different_lengths_equals_each_alone() {
     for grouped in [false, true] {
-        let engine = tessera_shard::Engine::load(
-            &default_model(),
-            &tessera_shard::EngineConfig {
-                kind: tch::Kind::Float,
-                max_kv_tokens: 8192,
-                grouped_decode_attention: grouped,
-                ..tessera_shard::EngineConfig::default()
-            },
-        )
-        .expect("loading the default model");
-        mixed_lengths_equal_each_alone(engine);
+        mixed_lengths_equal_each_alone(f32_engine(grouped));
     }
 }
 
