@@ -249,8 +249,7 @@ impl Worker {
 
     fn decode(&mut self, engine: &mut Engine, batch_ids: &[u64]) -> Result<StepOutput> {
         let start = Instant::now();
-        let (fresh, ready) = self.take_for_step(batch_ids)?;
-        let first = batch_ids[0];
+        let (first, fresh, ready) = self.take_for_step(batch_ids)?;
         // On an error the merged batch is dropped: its requests fail in the router.
         let (stepped, generations, forward_ns) = match ready {
             Some((mut stepped, ahead)) => {
@@ -320,8 +319,7 @@ impl Worker {
                 "batch {batch_id} already exists"
             )));
         }
-        let (running, ready) = self.take_for_step(decode_ids)?;
-        let first = decode_ids[0];
+        let (first, running, ready) = self.take_for_step(decode_ids)?;
         let forward_start = Instant::now();
         let (mut stepped, generations, fresh) = match ready {
             Some((stepped, ahead)) => {
@@ -351,18 +349,19 @@ impl Worker {
         })
     }
 
-    /// Removes the cached batches `batch_ids` for a step: the ones that still need it,
-    /// merged, and the one stepped ahead with that step's result, if any.
+    /// Removes the cached batches `batch_ids` for a step: returns the first id (the
+    /// merged batch's), the ones that still need the step, merged, and the one stepped
+    /// ahead with that step's result, if any.
     #[allow(clippy::type_complexity)]
     fn take_for_step(
         &mut self,
         batch_ids: &[u64],
-    ) -> Result<(Batch, Option<(Batch, Result<(Vec<Generation>, u64)>)>)> {
-        if batch_ids.is_empty() {
+    ) -> Result<(u64, Batch, Option<(Batch, Result<(Vec<Generation>, u64)>)>)> {
+        let Some(&first) = batch_ids.first() else {
             return Err(EngineError::Batch(
                 "a step needs at least one batch id".into(),
             ));
-        }
+        };
         if let Some(missing) = batch_ids.iter().find(|id| !self.batches.contains_key(id)) {
             return Err(EngineError::Batch(format!(
                 "batch {missing} is not cached on this shard"
@@ -383,7 +382,7 @@ impl Worker {
                 }
             }
         }
-        Ok((fresh, ready.map(|a| (stepped, a.result))))
+        Ok((first, fresh, ready.map(|a| (stepped, a.result))))
     }
 
     /// Takes the next decode step of cached batch `batch_id` now, for the `Decode`
