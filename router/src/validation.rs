@@ -73,6 +73,14 @@ pub enum ValidationError {
     BestOfStream,
     #[error("`watermark` is not supported")]
     Watermark,
+    #[error("{0} is not supported by this server")]
+    Unsupported(String),
+    #[error("`logit_bias` keys must be token ids (non-negative integers), got {0:?}")]
+    LogitBiasKey(String),
+    #[error("`logit_bias` token id {id} is outside the vocabulary (size {vocab})")]
+    LogitBiasToken { id: u32, vocab: u32 },
+    #[error("`logit_bias` values must be >= -100 and <= 100, got {value} for token {id}")]
+    LogitBiasValue { id: u32, value: f32 },
     #[error("content part type `{0}` is not supported: only `text` parts are")]
     ContentPart(String),
     #[error("`messages` cannot be empty")]
@@ -108,6 +116,8 @@ pub struct GenerateParameters {
     /// Keep only the last `truncate` prompt tokens.
     pub truncate: Option<usize>,
     pub ignore_eos: bool,
+    /// OpenAI `logit_bias`: token id (as the JSON key string) -> bias.
+    pub logit_bias: Vec<(String, f32)>,
 }
 
 /// Validates requests against the model's tokenizer and the server's limits.
@@ -414,6 +424,7 @@ impl Validation {
                 max: limits.max_top_n_tokens,
             });
         }
+        let logit_bias = self.check_logit_bias(&p.logit_bias)?;
         let parameters = ValidParameters {
             temperature,
             do_sample: is_sampling(p),
@@ -426,8 +437,39 @@ impl Validation {
             presence_penalty,
             seed: p.seed.unwrap_or_else(rand::random::<u64>),
             top_n_tokens,
+            logit_bias,
         };
         Ok((parameters, CheckedStopping { stop_sequences }))
+    }
+}
+
+impl Validation {
+    /// Parses `logit_bias` keys as token ids of this vocabulary and checks
+    /// each bias is in [-100, 100].
+    fn check_logit_bias(
+        &self,
+        given: &[(String, f32)],
+    ) -> Result<Vec<(u32, f32)>, ValidationError> {
+        if given.is_empty() {
+            return Ok(Vec::new());
+        }
+        let vocab = self.encoder.tokenizer().get_vocab_size(true) as u32;
+        given
+            .iter()
+            .map(|(key, value)| {
+                let id: u32 = key
+                    .trim()
+                    .parse()
+                    .map_err(|_| ValidationError::LogitBiasKey(key.clone()))?;
+                if id >= vocab {
+                    return Err(ValidationError::LogitBiasToken { id, vocab });
+                }
+                if !(-100.0..=100.0).contains(value) {
+                    return Err(ValidationError::LogitBiasValue { id, value: *value });
+                }
+                Ok((id, *value))
+            })
+            .collect()
     }
 }
 
@@ -741,6 +783,36 @@ pub(crate) mod tests {
             .await,
             "`repetition_penalty` must be strictly positive, got 0"
         );
+    }
+
+    #[tokio::test]
+    async fn logit_bias_keys_ids_and_values() {
+        let with = |bias: &[(&str, f32)]| GenerateParameters {
+            logit_bias: bias.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            ..params()
+        };
+        assert_eq!(
+            err(with(&[("3", 1.0), ("x", 1.0)])).await,
+            "`logit_bias` keys must be token ids (non-negative integers), got \"x\""
+        );
+        assert_eq!(
+            err(with(&[("-1", 1.0)])).await,
+            "`logit_bias` keys must be token ids (non-negative integers), got \"-1\""
+        );
+        let vocab = tiny_encoder().tokenizer().get_vocab_size(true);
+        assert_eq!(
+            err(with(&[(&vocab.to_string(), 1.0)])).await,
+            format!("`logit_bias` token id {vocab} is outside the vocabulary (size {vocab})")
+        );
+        assert_eq!(
+            err(with(&[("2", 100.5)])).await,
+            "`logit_bias` values must be >= -100 and <= 100, got 100.5 for token 2"
+        );
+        assert!(err(with(&[("2", f32::NAN)])).await.contains("logit_bias"));
+        let ok = check(with(&[("2", -100.0), ("3", 100.0)])).await.unwrap();
+        assert_eq!(ok.parameters.logit_bias, vec![(2, -100.0), (3, 100.0)]);
+        let none = check(params()).await.unwrap();
+        assert!(none.parameters.logit_bias.is_empty());
     }
 
     #[tokio::test]

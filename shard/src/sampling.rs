@@ -36,6 +36,9 @@ use serde::{Deserialize, Serialize};
 /// The largest accepted `top_n_tokens`.
 pub const MAX_TOP_N_TOKENS: u32 = 20;
 
+/// The largest `logit_bias` magnitude, as in OpenAI's API.
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
+
 /// Sampling parameters of one request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -65,6 +68,11 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// How many top alternatives (with log-probabilities) to report per token.
     pub top_n_tokens: u32,
+    /// OpenAI `logit_bias`: `(token, bias)` pairs added to those tokens'
+    /// logits after the penalties, at every step (-100 bans a token in
+    /// practice, 100 makes it the only choice). Ids past the vocabulary are
+    /// ignored.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -82,6 +90,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             seed: None,
             top_n_tokens: 0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -147,6 +156,17 @@ impl SamplingParams {
                 self.top_n_tokens,
             ));
         }
+        if let Some(&(token, bias)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(b))
+        {
+            return Err(out_of_range(
+                "logit_bias",
+                "in [-100, 100] for every token",
+                format!("{bias} for token {token}"),
+            ));
+        }
         Ok(())
     }
 
@@ -199,6 +219,9 @@ pub struct Sampler {
     rng: ChaCha8Rng,
     greedy: bool,
     penalties_on: bool,
+    /// `logit_bias` with its ids sorted and unique (the last bias given for
+    /// an id wins) and non-finite or zero biases dropped.
+    bias: Vec<(u32, f32)>,
     /// `(token, generated count)` for every token of the prompt or the
     /// generation (prompt-only tokens have count 0). Only kept when a
     /// penalty is active.
@@ -230,12 +253,14 @@ impl Sampler {
         let penalties_on = (rep.is_finite() && rep > 0.0 && rep != 1.0)
             || (params.frequency_penalty.is_finite() && params.frequency_penalty != 0.0)
             || (params.presence_penalty.is_finite() && params.presence_penalty != 0.0);
+        let bias = normalized_bias(&params.logit_bias);
         let mut sampler = Sampler {
             params,
             seed,
             rng: ChaCha8Rng::seed_from_u64(seed),
             greedy,
             penalties_on,
+            bias,
             seen: Vec::new(),
             seen_index: HashMap::new(),
             generated: 0,
@@ -356,10 +381,14 @@ impl Sampler {
             Vec::new()
         };
 
-        // 2. Penalties (sparse, in place; raw values saved for reporting).
+        // 2. Penalties and logit bias (sparse, in place; raw values saved
+        //    for reporting).
         self.saved.clear();
         if self.penalties_on {
             self.apply_penalties(logits);
+        }
+        if !self.bias.is_empty() {
+            self.apply_bias(logits);
         }
         let raw_logit = |saved: &[(u32, f32)], logits: &[f32], id: u32| -> f32 {
             saved
@@ -429,6 +458,32 @@ impl Sampler {
             }
             if v != raw {
                 self.saved.push((tok, raw));
+                *x = v;
+            }
+        }
+    }
+
+    /// Adds `logit_bias` after the penalties. A token the penalties already
+    /// changed keeps the raw logit they saved.
+    fn apply_bias(&mut self, logits: &mut [f32]) {
+        let penalised = self.saved.len();
+        self.saved[..penalised].sort_unstable_by_key(|&(t, _)| t);
+        for &(tok, bias) in &self.bias {
+            let Some(x) = logits.get_mut(tok as usize) else {
+                continue;
+            };
+            let raw = *x;
+            let mut v = raw + bias;
+            if v.is_nan() {
+                v = f32::NEG_INFINITY;
+            }
+            if v != raw {
+                let already_saved = self.saved[..penalised]
+                    .binary_search_by_key(&tok, |&(t, _)| t)
+                    .is_ok();
+                if !already_saved {
+                    self.saved.push((tok, raw));
+                }
                 *x = v;
             }
         }
@@ -954,6 +1009,23 @@ fn top_k_select(row: &[f32], k: usize, out: &mut Vec<u32>) {
     sort_by_weight(out, row);
 }
 
+/// `logit_bias` as the sampler applies it: sorted by id, one entry per id
+/// (the last one given), finite non-zero biases only.
+fn normalized_bias(given: &[(u32, f32)]) -> Vec<(u32, f32)> {
+    let mut sorted = given.to_vec();
+    // Stable, so that within one id the entries keep the order given.
+    sorted.sort_by_key(|&(t, _)| t);
+    let mut bias: Vec<(u32, f32)> = Vec::with_capacity(sorted.len());
+    for (tok, b) in sorted {
+        match bias.last_mut() {
+            Some(last) if last.0 == tok => last.1 = b,
+            _ => bias.push((tok, b)),
+        }
+    }
+    bias.retain(|&(_, b)| b.is_finite() && b != 0.0);
+    bias
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1353,6 +1425,96 @@ mod tests {
         );
         let mut row = vec![1.0f32, 1.2];
         assert_eq!(s.sample(&mut row).id, 0);
+    }
+
+    #[test]
+    fn logit_bias_steers_greedy_and_sampled_choices() {
+        let row = vec![3.0f32, 1.0, 0.5, 2.0];
+        // -100 bans the argmax; greedy takes the next best.
+        let mut s = Sampler::new(
+            SamplingParams {
+                logit_bias: vec![(0, -100.0)],
+                ..greedy()
+            },
+            &[],
+        );
+        let tok = s.sample(&mut row.clone());
+        assert_eq!(tok.id, 3);
+        // The reported log-probability is the model's, before the bias.
+        let want = log_softmax(&row)[3] as f32;
+        assert!(
+            (tok.logprob - want).abs() < 1e-6,
+            "{} vs {want}",
+            tok.logprob
+        );
+        // +100 makes one token the only choice, even when sampling hot.
+        for seed in 0..20 {
+            let mut s = Sampler::new(
+                SamplingParams {
+                    temperature: 2.0,
+                    logit_bias: vec![(2, 100.0)],
+                    ..sampling(seed)
+                },
+                &[],
+            );
+            assert_eq!(s.sample(&mut row.clone()).id, 2);
+        }
+        // Banning every token but one leaves that one.
+        let counts = histogram(
+            SamplingParams {
+                logit_bias: vec![(0, -100.0), (1, -100.0), (3, -100.0)],
+                ..sampling(5)
+            },
+            &row,
+            200,
+        );
+        assert_eq!(counts, vec![0, 0, 200, 0]);
+    }
+
+    #[test]
+    fn logit_bias_adds_to_penalised_logits_and_keeps_raw_logprobs() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                presence_penalty: 1.0,
+                logit_bias: vec![(1, 0.75), (7, 5.0), (1, 0.5)],
+                ..greedy()
+            },
+            &[],
+        );
+        s.record_generated(1);
+        let raw = vec![1.0f32, 1.4, 0.2];
+        let mut row = raw.clone();
+        let tok = s.choose(&mut row, None);
+        // Token 1: 1.4 - 1.0 (presence) + 0.5 (the last bias given) = 0.9 < 1.0.
+        assert_eq!(tok.id, 0);
+        assert_eq!(row, vec![1.0, 1.4 - 1.0 + 0.5, 0.2]);
+        // Token 1 is saved once, with its raw logit.
+        assert_eq!(s.saved, vec![(1, 1.4)]);
+        // Id 7 is past the vocabulary and ignored.
+        assert_eq!(s.bias, vec![(1, 0.5), (7, 5.0)]);
+    }
+
+    #[test]
+    fn logit_bias_out_of_range_is_rejected() {
+        let p = SamplingParams {
+            logit_bias: vec![(3, 100.5)],
+            ..greedy()
+        };
+        let err = p.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("logit_bias") && err.contains("token 3"),
+            "{err}"
+        );
+        let nan = SamplingParams {
+            logit_bias: vec![(3, f32::NAN)],
+            ..greedy()
+        };
+        assert!(nan.validate().is_err());
+        let ok = SamplingParams {
+            logit_bias: vec![(3, -100.0), (4, 100.0)],
+            ..greedy()
+        };
+        ok.validate().unwrap();
     }
 
     #[test]

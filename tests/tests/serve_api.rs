@@ -209,6 +209,65 @@ fn greedy_openai_completions_reproduce_the_reference_text() {
     }
 }
 
+#[test]
+fn logit_bias_bans_and_forces_tokens() {
+    let server = SERVER.lock();
+    let http = &server.http;
+    let complete = |extra: Value| {
+        let mut body = json!({"prompt": "The capital of France is", "max_tokens": 3,
+            "temperature": 0, "logprobs": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        http.ok_json("/v1/completions", &body)
+    };
+    let ids_of = |answer: &Value| -> Vec<u64> {
+        let text = answer["choices"][0]["text"].as_str().unwrap().to_string();
+        let tokens = http.ok_json("/tokenize", &json!({"inputs": text}));
+        tokens
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_u64().unwrap())
+            .collect()
+    };
+    let plain = complete(json!({}));
+    assert_eq!(plain["choices"][0]["text"], " Paris.\n", "{plain}");
+    let paris = ids_of(&plain)[0];
+
+    // -100 on " Paris" makes greedy decoding take another first token; the
+    // logprob reported for it is still the model's.
+    let banned = complete(json!({"logit_bias": {paris.to_string(): -100}}));
+    let text = banned["choices"][0]["text"].as_str().unwrap();
+    assert!(!text.starts_with(" Paris"), "{banned}");
+    let logprob = banned["choices"][0]["logprobs"]["token_logprobs"][0]
+        .as_f64()
+        .unwrap();
+    assert!(logprob < 0.0 && logprob > -30.0, "{banned}");
+
+    // +100 on a token makes it the only choice at every step, sampling or not.
+    let forced = http.ok_json("/tokenize", &json!({"inputs": " banana"}));
+    let banana = forced[0]["id"].as_u64().unwrap();
+    for temperature in [0.0, 1.0] {
+        let answer = complete(json!({"logit_bias": {banana.to_string(): 100},
+            "temperature": temperature, "seed": 3}));
+        assert_eq!(
+            answer["choices"][0]["text"], " banana banana banana",
+            "temperature {temperature}: {answer}"
+        );
+    }
+    // The chat route takes it too.
+    let chat = http.ok_json(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+            "temperature": 0, "logit_bias": {banana.to_string(): 100}}),
+    );
+    assert_eq!(
+        chat["choices"][0]["message"]["content"], " banana banana",
+        "{chat}"
+    );
+}
+
 /// 32 greedy requests of different prompt lengths and budgets.
 fn mixed_requests() -> Vec<Value> {
     let cases = cases();

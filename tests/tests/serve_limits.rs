@@ -125,6 +125,42 @@ fn invalid_requests_get_422_with_the_error_json() {
             json!({"prompt": "Hi", "top_p": 2.0}),
             "top_p",
         ),
+        (
+            "/v1/completions",
+            json!({"prompt": "Hi", "logit_bias": {"50": 101}}),
+            "logit_bias",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "Hi", "logit_bias": {"nine": 1}}),
+            "logit_bias",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"logit_bias": {"4000000": -5}})),
+            "vocabulary",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "Hi", "suffix": "end"}),
+            "suffix",
+        ),
+        // Asked-for behaviour the server does not have is refused, not ignored.
+        (
+            "/v1/chat/completions",
+            chat(json!({"response_format": {"type": "json_object"}})),
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
+            "tools",
+        ),
+        (
+            "/generate",
+            json!({"inputs": "Hi", "parameters": {"grammar": {"type": "json", "value": {}}}}),
+            "grammar",
+        ),
     ];
     for (path, body, mentions) in cases {
         let context = format!("POST {path} {body}");

@@ -341,6 +341,7 @@ impl BatchingTask {
                     presence_penalty: p.presence_penalty,
                     seed: p.seed,
                     top_n_tokens: p.top_n_tokens,
+                    logit_bias: p.logit_bias.iter().copied().collect(),
                 }),
                 stopping: Some(pb::StoppingParameters {
                     max_new_tokens: r.stopping.max_new_tokens,

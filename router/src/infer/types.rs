@@ -19,6 +19,8 @@ pub struct ValidParameters {
     pub seed: u64,
     /// Alternatives to report beside each chosen token (0: none).
     pub top_n_tokens: u32,
+    /// OpenAI `logit_bias`: `(token id, bias)`, ids in the vocabulary.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for ValidParameters {
@@ -35,6 +37,7 @@ impl Default for ValidParameters {
             presence_penalty: 0.0,
             seed: 0,
             top_n_tokens: 0,
+            logit_bias: Vec::new(),
         }
     }
 }

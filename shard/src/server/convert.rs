@@ -28,6 +28,7 @@ pub fn request(r: pb::Request, eos_token_ids: &[u32]) -> GenerateRequest {
             presence_penalty: sampling.presence_penalty,
             seed: Some(sampling.seed),
             top_n_tokens: sampling.top_n_tokens,
+            logit_bias: sampling.logit_bias.into_iter().collect(),
         },
         stopping: StoppingCriteria {
             max_new_tokens: stopping.max_new_tokens,
@@ -100,6 +101,7 @@ mod tests {
                 presence_penalty: 0.3,
                 seed: 42,
                 top_n_tokens: 2,
+                logit_bias: [(9, -100.0)].into_iter().collect(),
             }),
             stopping: Some(pb::StoppingParameters {
                 max_new_tokens: 9,
@@ -118,6 +120,7 @@ mod tests {
         assert_eq!(g.sampling.seed, Some(42));
         assert_eq!(g.sampling.top_k, 4);
         assert_eq!(g.sampling.top_n_tokens, 2);
+        assert_eq!(g.sampling.logit_bias, vec![(9, -100.0)]);
         assert!(g.sampling.do_sample);
         assert_eq!(g.stopping.eos_token_ids, vec![0, 2]);
         assert_eq!(g.stopping.min_new_tokens, 2);

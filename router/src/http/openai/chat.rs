@@ -86,6 +86,7 @@ async fn chat(
     body: ChatCompletionRequest,
     metrics: &mut RequestMetrics,
 ) -> Result<Response, ApiError> {
+    body.check_supported()?;
     let n = state.validation.check_count("n", body.sampling.n)?;
     let messages = chat_messages(body.messages)?;
     let prompt = state.validation.apply_chat_template(messages).await?;

@@ -44,6 +44,12 @@ pub fn generate_parameters(
         top_n_tokens,
         truncate: None,
         ignore_eos: sampling.ignore_eos.unwrap_or(false),
+        logit_bias: sampling
+            .logit_bias
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
     }
 }
 

@@ -23,6 +23,7 @@ use crate::http::sse::data_event;
 use crate::http::stop::trim_stop_sequence;
 use crate::http::AppState;
 use crate::infer::{FinishReason, ValidGenerateRequest};
+use crate::validation::ValidationError;
 
 #[utoipa::path(
     post,
@@ -59,6 +60,9 @@ async fn complete(
     body: CompletionRequest,
     metrics: &mut RequestMetrics,
 ) -> Result<Response, ApiError> {
+    if body.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ValidationError::Unsupported("`suffix` (insertion)".into()).into());
+    }
     let n = state.validation.check_count("n", body.sampling.n)?;
     let prompts = body.prompt.into_vec();
     if prompts.is_empty() {

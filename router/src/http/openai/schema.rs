@@ -52,6 +52,8 @@ pub struct SamplingFields {
     pub top_k: Option<i64>,
     pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
+    /// Token id (as a string) -> bias in [-100, 100], added to the logit.
+    pub logit_bias: Option<BTreeMap<String, f32>>,
 }
 
 /// `content` of a message: a string or an array of parts.
@@ -98,8 +100,54 @@ pub struct ChatCompletionRequest {
     /// Alternatives per token (with `logprobs`).
     #[serde(default)]
     pub top_logprobs: Option<u32>,
+    /// Only `{"type": "text"}` is supported (no JSON mode).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<serde_json::Value>,
+    /// Function calling is not supported: `tools` must be absent or empty
+    /// (or `tool_choice` `"none"`).
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tools: Option<Vec<serde_json::Value>>,
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<serde_json::Value>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+}
+
+impl ChatCompletionRequest {
+    /// Refuses the fields that ask for what this server does not do (JSON
+    /// mode, function calling), rather than ignoring them silently.
+    pub fn check_supported(&self) -> Result<(), crate::validation::ValidationError> {
+        use crate::validation::ValidationError::Unsupported;
+        if let Some(format) = &self.response_format {
+            let kind = format.get("type").and_then(|t| t.as_str());
+            if !(format.is_null() || kind == Some("text")) {
+                let kind = kind.unwrap_or("(none)");
+                return Err(Unsupported(format!(
+                    "`response_format` of type `{kind}` (only `text`; no constrained decoding)"
+                )));
+            }
+        }
+        let tool_choice_none = self
+            .tool_choice
+            .as_ref()
+            .is_some_and(|c| c.as_str() == Some("none"));
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) && !tool_choice_none {
+            return Err(Unsupported(
+                "`tools` (function calling; send `tool_choice: \"none\"` to ignore them)".into(),
+            ));
+        }
+        if let Some(choice) = &self.tool_choice {
+            if !(choice.is_null() || matches!(choice.as_str(), Some("none" | "auto"))) {
+                return Err(Unsupported(format!(
+                    "`tool_choice` {choice} (function calling)"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `prompt`: one string or several (each its own choice).
@@ -145,6 +193,9 @@ pub struct CompletionRequest {
     /// Prepend the prompt to the text.
     #[serde(default)]
     pub echo: Option<bool>,
+    /// Not supported (insertion): must be absent, null or empty.
+    #[serde(default)]
+    pub suffix: Option<String>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -322,6 +373,55 @@ pub struct ModelList {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn json_mode_and_function_calling_are_refused_not_ignored() {
+        let check = |extra: serde_json::Value| {
+            let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            serde_json::from_value::<ChatCompletionRequest>(body)
+                .unwrap()
+                .check_supported()
+                .map_err(|e| e.to_string())
+        };
+        // What clients send by default is accepted.
+        for fine in [
+            json!({}),
+            json!({"response_format": {"type": "text"}}),
+            json!({"response_format": null, "tools": null, "tool_choice": null}),
+            json!({"tools": []}),
+            json!({"tool_choice": "auto"}),
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"}),
+        ] {
+            assert_eq!(check(fine.clone()), Ok(()), "{fine}");
+        }
+        for (refused, names) in [
+            (
+                json!({"response_format": {"type": "json_object"}}),
+                "`json_object`",
+            ),
+            (
+                json!({"response_format": {"type": "json_schema", "json_schema": {}}}),
+                "`json_schema`",
+            ),
+            (json!({"response_format": {}}), "`response_format`"),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+                "`tools`",
+            ),
+            (
+                json!({"tools": [{"type": "function"}], "tool_choice": "auto"}),
+                "`tools`",
+            ),
+            (json!({"tool_choice": "required"}), "`tool_choice`"),
+        ] {
+            let message = check(refused.clone()).unwrap_err();
+            assert!(message.contains(names), "{refused}: {message}");
+            assert!(message.contains("not supported"), "{refused}: {message}");
+        }
+    }
 
     #[test]
     fn completion_prompts_as_text_or_token_ids() {

@@ -67,6 +67,12 @@ pub(crate) async fn prepare(
     if parameters.watermark {
         return Err(crate::validation::ValidationError::Watermark.into());
     }
+    if parameters.grammar.is_some() {
+        return Err(crate::validation::ValidationError::Unsupported(
+            "`grammar` (constrained decoding)".into(),
+        )
+        .into());
+    }
     let generic = parameters.to_generate_parameters();
     let best_of = state
         .validation

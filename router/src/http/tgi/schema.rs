@@ -50,6 +50,9 @@ pub struct TgiParameters {
     /// Not supported: must be false.
     pub watermark: bool,
     pub ignore_eos: bool,
+    /// Not supported (constrained decoding): must be absent or null.
+    #[schema(value_type = Option<Object>)]
+    pub grammar: Option<serde_json::Value>,
 }
 
 impl TgiParameters {
@@ -71,6 +74,7 @@ impl TgiParameters {
             top_n_tokens: self.top_n_tokens,
             truncate: self.truncate,
             ignore_eos: self.ignore_eos,
+            logit_bias: Vec::new(),
         }
     }
 }
