@@ -73,6 +73,8 @@ pub enum ValidationError {
     BestOfStream,
     #[error("`watermark` is not supported")]
     Watermark,
+    #[error("`decoder_input_details` is not supported when streaming tokens")]
+    DecoderInputDetailsStream,
     #[error("{0} is not supported by this server")]
     Unsupported(String),
     #[error("`logit_bias` keys must be token ids (non-negative integers), got {0:?}")]
@@ -208,6 +210,7 @@ impl Validation {
                 ignore_eos: parameters.ignore_eos,
                 min_new_tokens,
             },
+            prompt_logprobs: false,
         })
     }
 

@@ -98,6 +98,8 @@ impl FakeShard {
                 } else {
                     pb::FinishReason::Unspecified as i32
                 },
+                // This fake never scores prompts (the router does not ask it to).
+                prompt_logprobs: None,
             });
             if !done {
                 kept.push(seq);

@@ -272,6 +272,7 @@ fn request(
         },
         block_table,
         cached_tokens: 0,
+        prompt_logprobs: false,
     })
 }
 

@@ -2,7 +2,7 @@
 //! batch by one token per sequence, and let sequences join (merge) and leave
 //! (filter) a running batch without recomputing the others.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
@@ -73,6 +73,19 @@ pub struct GenerateRequest {
     /// The first `cached_tokens` prompt positions are already in the KV pool (a shared
     /// prefix): the prefill computes the rest, attending to them in place.
     pub cached_tokens: usize,
+    /// Also return the log-probability of every prompt token after the first, given
+    /// the tokens before it (TGI's `decoder_input_details`, OpenAI's `echo` with
+    /// `logprobs`). Needs the whole prompt computed: `cached_tokens` must be 0.
+    pub prompt_logprobs: bool,
+}
+
+/// The model's log-probabilities of a prompt's tokens 1.., each given the tokens
+/// before it, with the `top_n_tokens` most likely tokens at each of those positions.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PromptLogprobs {
+    pub logprobs: Vec<f32>,
+    /// Empty, or one list per entry of `logprobs`.
+    pub top: Vec<Vec<TopToken>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -95,6 +108,8 @@ pub struct Generation {
     pub top_tokens: Vec<TopToken>,
     /// Set on the request's last token.
     pub finish_reason: Option<FinishReason>,
+    /// On a request's first token, when it asked for them.
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
 
 struct Sequence {
@@ -326,6 +341,12 @@ impl Engine {
         if r.stopping.max_new_tokens == 0 {
             return Err(bad("max_new_tokens must be at least 1".into()));
         }
+        if r.prompt_logprobs && r.cached_tokens > 0 {
+            return Err(bad(
+                "prompt log-probabilities need the whole prompt computed, not a cached prefix"
+                    .into(),
+            ));
+        }
         if r.cached_tokens >= r.prompt.len() {
             return Err(bad(format!(
                 "{} cached tokens leave nothing to compute of a {}-token prompt",
@@ -375,10 +396,14 @@ impl Engine {
         }
         let mut rows = Rows::default();
         let spans = self.prompt_rows(&requests, &mut rows)?;
+        let prompt_logit_rows = rows.last.len() as i64;
         let input = self.step_input(rows, AttentionPlan::Prefill(spans))?;
         let logits = self.model.forward(&mut self.cache, &input)?;
+        let (logits, prompt_logprobs) =
+            self.split_prompt_logprobs(&requests, &logits.f_narrow(0, 0, prompt_logit_rows)?)?;
         let mut batch = Self::new_batch(requests);
-        let generations = self.sample(&mut batch, &logits)?;
+        let mut generations = self.sample(&mut batch, &logits)?;
+        attach_prompt_logprobs(&mut generations, prompt_logprobs);
         Ok((batch, generations))
     }
 
@@ -399,6 +424,7 @@ impl Engine {
         let mut rows = Rows::default();
         let spans = self.prompt_rows(&requests, &mut rows)?;
         let decode_from = rows.tokens.len() as i64;
+        let prompt_logit_rows = rows.last.len() as i64;
         let Some((active, decode)) = self.decode_rows(running, &mut rows)? else {
             let (batch, generations) = self.prefill(requests)?;
             return Ok((batch, generations, Vec::new()));
@@ -410,15 +436,18 @@ impl Engine {
         };
         let input = self.step_input(rows, attention)?;
         let logits = self.model.forward(&mut self.cache, &input)?;
-        let fresh = requests.len() as i64;
+        let (fresh_logits, prompt_logprobs) =
+            self.split_prompt_logprobs(&requests, &logits.f_narrow(0, 0, prompt_logit_rows)?)?;
         let mut batch = Self::new_batch(requests);
-        let generations = self.sample(&mut batch, &logits.f_narrow(0, 0, fresh)?)?;
+        let mut generations = self.sample(&mut batch, &fresh_logits)?;
+        attach_prompt_logprobs(&mut generations, prompt_logprobs);
         let stepped = active.len() as i64;
         let mut view = ActiveView {
             batch: running,
             active,
         };
-        let advanced = self.sample_active(&mut view, &logits.f_narrow(0, fresh, stepped)?)?;
+        let advanced =
+            self.sample_active(&mut view, &logits.f_narrow(0, prompt_logit_rows, stepped)?)?;
         Ok((batch, generations, advanced))
     }
 
@@ -451,11 +480,17 @@ impl Engine {
                 prefix,
             });
             for (pos, &tok) in r.prompt.iter().enumerate().skip(cached) {
+                if r.prompt_logprobs {
+                    // Every prompt row's logits, the last one (sampled) included.
+                    rows.last.push(rows.tokens.len() as i64);
+                }
                 rows.tokens.push(tok as i64);
                 rows.positions.push(pos as i64);
                 rows.slots.push(self.slot(r.id, &r.block_table, pos)?);
             }
-            rows.last.push(rows.tokens.len() as i64 - 1);
+            if !r.prompt_logprobs {
+                rows.last.push(rows.tokens.len() as i64 - 1);
+            }
         }
         Ok(spans)
     }
@@ -549,6 +584,7 @@ impl Engine {
             },
             block_table: block_table.to_vec(),
             cached_tokens: 0,
+            prompt_logprobs: false,
         };
         self.check_request(&request)?;
         let n = prompt.len() as i64;
@@ -651,6 +687,79 @@ impl Engine {
         let active = (0..batch.seqs.len()).collect();
         let mut view = ActiveView { batch, active };
         self.sample_active(&mut view, logits)
+    }
+
+    /// Splits the logits of a prefill's prompt rows (one per request, or every prompt
+    /// row of the requests that asked for prompt log-probabilities) into one row per
+    /// request to sample from, and those requests' prompt log-probabilities.
+    fn split_prompt_logprobs(
+        &self,
+        requests: &[GenerateRequest],
+        logits: &Tensor,
+    ) -> Result<(Tensor, HashMap<u64, PromptLogprobs>)> {
+        let mut found = HashMap::new();
+        if !requests.iter().any(|r| r.prompt_logprobs) {
+            return Ok((logits.shallow_clone(), found));
+        }
+        let mut sample_rows = Vec::with_capacity(requests.len());
+        let mut row = 0i64;
+        for r in requests {
+            if !r.prompt_logprobs {
+                sample_rows.push(row);
+                row += 1;
+                continue;
+            }
+            let len = r.prompt.len() as i64;
+            if len > 1 {
+                let rows = logits.f_narrow(0, row, len - 1)?;
+                found.insert(r.id, self.prompt_logprobs_of(r, &rows)?);
+            } else {
+                found.insert(r.id, PromptLogprobs::default());
+            }
+            row += len;
+            sample_rows.push(row - 1);
+        }
+        let index = self.device_i64(&sample_rows)?;
+        Ok((logits.f_index_select(0, &index)?, found))
+    }
+
+    /// `rows`: the logits of prompt positions 0..len-1, which predict tokens 1..len.
+    fn prompt_logprobs_of(&self, r: &GenerateRequest, rows: &Tensor) -> Result<PromptLogprobs> {
+        let log_probs = rows.f_log_softmax(-1, Kind::Float)?;
+        let targets: Vec<i64> = r.prompt[1..].iter().map(|&t| t as i64).collect();
+        let targets = self.device_i64(&targets)?.f_unsqueeze(1)?;
+        let chosen = log_probs.f_gather(1, &targets, false)?.f_flatten(0, -1)?;
+        let logprobs = Vec::<f32>::try_from(&chosen.f_to_device(Device::Cpu)?)?;
+        let n = r
+            .sampling
+            .top_n_tokens
+            .min(crate::sampling::MAX_TOP_N_TOKENS) as i64;
+        let mut top = Vec::new();
+        if n > 0 {
+            let (values, ids) = log_probs.f_topk(n, -1, true, true)?;
+            let values = Vec::<f32>::try_from(&values.f_flatten(0, -1)?.f_to_device(Device::Cpu)?)?;
+            let ids = Vec::<i64>::try_from(&ids.f_flatten(0, -1)?.f_to_device(Device::Cpu)?)?;
+            top = values
+                .chunks(n as usize)
+                .zip(ids.chunks(n as usize))
+                .map(|(values, ids)| {
+                    values
+                        .iter()
+                        .zip(ids)
+                        .map(|(&logprob, &id)| {
+                            let id = id as u32;
+                            TopToken {
+                                id,
+                                logprob,
+                                text: self.token_text(id),
+                                special: self.special_ids.contains(&id),
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+        }
+        Ok(PromptLogprobs { logprobs, top })
     }
 
     fn token_text(&self, id: u32) -> String {
@@ -756,11 +865,22 @@ impl Engine {
                     })
                     .collect(),
                 finish_reason: finish,
+                prompt_logprobs: None,
             });
         }
         self.logits_rows = rows;
         stage_timing::mark("detokenize");
         Ok(out)
+    }
+}
+
+/// Puts each request's prompt log-probabilities on its first generation.
+fn attach_prompt_logprobs(generations: &mut [Generation], mut found: HashMap<u64, PromptLogprobs>) {
+    if found.is_empty() {
+        return;
+    }
+    for g in generations {
+        g.prompt_logprobs = found.remove(&g.request_id);
     }
 }
 

@@ -361,3 +361,104 @@ fn prompts_after_a_cached_prefix_equal_each_prompt_alone() {
         assert_eq!(tokens, alone[i], "follower {i} inside a decode step");
     }
 }
+
+/// Prompt log-probabilities (`prompt_logprobs`) equal the log-softmax of the logits
+/// after each prefix of the prompt, computed alone; asking for them changes no
+/// sampled token, alone, beside a request that does not ask, or inside a decode step.
+#[test]
+fn prompt_logprobs_equal_each_prefix_scored_alone() {
+    let mut engine = f32_engine(false);
+    let mut blocks = allocator(&engine);
+    let prompt = engine.encode(PROMPTS[2]).unwrap();
+    let other = engine.encode(PROMPTS[0]).unwrap();
+    let new_tokens = 6u32;
+
+    // The reference: each prefix's last logits, through a fresh prefill each.
+    let mut expected = Vec::new();
+    for end in 1..prompt.len() {
+        let table = blocks.allocate(end + 1).unwrap();
+        let logits = engine.last_logits(&prompt[..end], &table).unwrap();
+        blocks.release(table);
+        let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
+        let target = prompt[end] as usize;
+        expected.push((logits[target] as f64 - max - sum.ln()) as f32);
+    }
+
+    let solo = {
+        let r = greedy_request(&engine, &mut blocks, 1, prompt.clone(), new_tokens);
+        run_alone(&mut engine, r)
+    };
+    let with_top = |engine: &tessera_shard::Engine,
+                    blocks: &mut tessera_shard::kv_cache::BlockAllocator,
+                    id: u64| {
+        let mut r = greedy_request(engine, blocks, id, prompt.clone(), new_tokens);
+        r.prompt_logprobs = true;
+        r.sampling.top_n_tokens = 3;
+        r
+    };
+    let check = |g: &tessera_shard::Generation, how: &str| {
+        let p = g
+            .prompt_logprobs
+            .as_ref()
+            .unwrap_or_else(|| panic!("{how}: none"));
+        assert_eq!(p.logprobs.len(), prompt.len() - 1, "{how}");
+        for (i, (got, want)) in p.logprobs.iter().zip(&expected).enumerate() {
+            assert!(
+                (got - want).abs() < 1e-4,
+                "{how}: token {}: {got} vs {want}",
+                i + 1
+            );
+        }
+        assert_eq!(p.top.len(), prompt.len() - 1, "{how}");
+        for (top, got) in p.top.iter().zip(&p.logprobs) {
+            assert_eq!(top.len(), 3, "{how}");
+            assert!(top[0].logprob >= top[1].logprob && top[1].logprob >= top[2].logprob);
+            assert!(
+                top[0].logprob >= *got - 1e-6,
+                "{how}: the best is at least the chosen"
+            );
+        }
+    };
+
+    // Alone.
+    let r = with_top(&engine, &mut blocks, 2);
+    let (mut batch, first) = engine.prefill(vec![r]).unwrap();
+    check(&first[0], "alone");
+    let mut tokens = vec![first[0].token_id];
+    while tokens.len() < new_tokens as usize {
+        let g = engine.decode(&mut batch).unwrap();
+        assert!(g[0].prompt_logprobs.is_none(), "only on the first token");
+        tokens.push(g[0].token_id);
+    }
+    assert_eq!(tokens, solo, "asking for prompt logprobs changes no token");
+
+    // Beside a request that does not ask, and inside a running batch's decode step.
+    let plain = greedy_request(&engine, &mut blocks, 3, other.clone(), new_tokens);
+    let plain_solo = {
+        let r = greedy_request(&engine, &mut blocks, 4, other.clone(), new_tokens);
+        run_alone(&mut engine, r)
+    };
+    let (mut running, started) = engine.prefill(vec![plain]).unwrap();
+    assert!(started[0].prompt_logprobs.is_none());
+    let joining = vec![
+        with_top(&engine, &mut blocks, 5),
+        greedy_request(&engine, &mut blocks, 6, other.clone(), new_tokens),
+    ];
+    let (mut joined, fresh, stepped) = engine.prefill_and_decode(joining, &mut running).unwrap();
+    check(&fresh[0], "joining a running batch");
+    assert!(fresh[1].prompt_logprobs.is_none());
+    assert_eq!(fresh[0].token_id, solo[0]);
+    assert_eq!(fresh[1].token_id, plain_solo[0]);
+    assert_eq!(
+        stepped[0].token_id, plain_solo[1],
+        "the running request's step"
+    );
+    let g: BTreeMap<u64, u32> = engine
+        .decode(&mut joined)
+        .unwrap()
+        .iter()
+        .map(|g| (g.request_id, g.token_id))
+        .collect();
+    assert_eq!((g[&5], g[&6]), (solo[1], plain_solo[1]));
+}

@@ -99,6 +99,11 @@ fn bad_requests_are_rejected_before_running() {
     bad_sampling.sampling.top_p = 1.5;
     let mut all_cached = greedy_request(&engine, &mut blocks, 5, vec![3; 16], 4);
     all_cached.cached_tokens = 16;
+    let mut scored_after_cache = greedy_request(&engine, &mut blocks, 6, vec![3; 20], 4);
+    scored_after_cache.cached_tokens = 16;
+    scored_after_cache.prompt_logprobs = true;
+    let mut bad_bias = greedy_request(&engine, &mut blocks, 7, vec![3], 4);
+    bad_bias.sampling.logit_bias = vec![(3, 250.0)];
 
     for (request, needle) in [
         (empty, "no tokens"),
@@ -106,6 +111,8 @@ fn bad_requests_are_rejected_before_running() {
         (too_few_blocks, "block table"),
         (bad_sampling, "top_p"),
         (all_cached, "leave nothing to compute"),
+        (scored_after_cache, "prompt log-probabilities"),
+        (bad_bias, "logit_bias"),
     ] {
         let id = request.id;
         match engine.prefill(vec![request]) {

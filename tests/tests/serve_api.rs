@@ -268,6 +268,94 @@ fn logit_bias_bans_and_forces_tokens() {
     );
 }
 
+/// Prompt scoring: TGI's `decoder_input_details` and OpenAI's `echo` with `logprobs`
+/// (and `max_tokens: 0`, as evaluation harnesses send it) give each prompt token the
+/// model's log-probability, which for a greedy continuation appended to the prompt
+/// equals what generating it reported; a prefix already cached changes nothing.
+#[test]
+fn prompt_tokens_are_scored_like_the_tokens_generated() {
+    let server = SERVER.lock();
+    let http = &server.http;
+    let generated = http.ok_json(
+        "/generate",
+        &json!({"inputs": format!("{}Water boils at", "The sky is blue and the grass is green. ".repeat(4)),
+            "parameters": {"max_new_tokens": 6,
+            "details": true, "decoder_input_details": true}}),
+    );
+    let details = &generated["details"];
+    let prefill = details["prefill"].as_array().unwrap();
+    assert!(prefill[0]["logprob"].is_null(), "{generated}");
+    assert!(prefill[1..]
+        .iter()
+        .all(|t| t["logprob"].as_f64().unwrap() < 0.0));
+    let mut ids: Vec<u64> = prefill.iter().map(|t| t["id"].as_u64().unwrap()).collect();
+    let prompt_len = ids.len();
+    assert!(
+        prompt_len > 32,
+        "long enough for the prefix cache: {prompt_len}"
+    );
+    let tokens = details["tokens"].as_array().unwrap();
+    ids.extend(tokens.iter().map(|t| t["id"].as_u64().unwrap()));
+
+    for round in 0..2 {
+        // The second round finds the prompt's blocks in the prefix cache.
+        let scored = http.ok_json(
+            "/v1/completions",
+            &json!({"prompt": ids, "max_tokens": 0, "echo": true, "logprobs": 2}),
+        );
+        let choice = &scored["choices"][0];
+        assert_eq!(choice["finish_reason"], "length", "{scored}");
+        assert_eq!(scored["usage"]["completion_tokens"], 0, "{scored}");
+        assert_eq!(scored["usage"]["prompt_tokens"], ids.len(), "{scored}");
+        let lp = &choice["logprobs"];
+        let token_logprobs = lp["token_logprobs"].as_array().unwrap();
+        assert_eq!(token_logprobs.len(), ids.len(), "round {round}: {scored}");
+        assert!(token_logprobs[0].is_null() && lp["top_logprobs"][0].is_null());
+        let texts: String = lp["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(texts, choice["text"].as_str().unwrap(), "round {round}");
+        for (i, t) in prefill.iter().enumerate().skip(1) {
+            let (got, want) = (
+                token_logprobs[i].as_f64().unwrap(),
+                t["logprob"].as_f64().unwrap(),
+            );
+            assert!(
+                (got - want).abs() < 1e-4,
+                "round {round}: prompt token {i}: {got} vs {want}"
+            );
+        }
+        for (j, t) in tokens.iter().enumerate() {
+            let got = token_logprobs[prompt_len + j].as_f64().unwrap();
+            let want = t["logprob"].as_f64().unwrap();
+            assert!(
+                (got - want).abs() < 1e-3,
+                "round {round}: generated token {j} scored {got}, generated at {want}"
+            );
+            // Greedy: the token was the most likely one there.
+            let top = lp["top_logprobs"][prompt_len + j].as_object().unwrap();
+            let best = top
+                .values()
+                .map(|v| v.as_f64().unwrap())
+                .fold(f64::MIN, f64::max);
+            assert!((best - got).abs() < 1e-3, "round {round}: {top:?} vs {got}");
+        }
+    }
+    // TGI refuses it when streaming, as TGI does.
+    let (status, error) = http.post_json(
+        "/generate_stream",
+        &json!({"inputs": "Hi", "parameters": {"decoder_input_details": true}}),
+    );
+    assert_eq!(status, 422, "{error}");
+    assert!(error["error"]
+        .as_str()
+        .unwrap()
+        .contains("decoder_input_details"));
+}
+
 /// 32 greedy requests of different prompt lengths and budgets.
 fn mixed_requests() -> Vec<Value> {
     let cases = cases();

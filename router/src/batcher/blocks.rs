@@ -134,11 +134,20 @@ impl BlockAllocator {
     }
 
     /// `count` blocks for a request with `prompt`, the first ones shared with earlier
-    /// prompts that began the same way; `None` (and nothing taken) when too few are free.
-    /// Whenever `count <= free()`, this succeeds.
-    pub fn allocate_for_prompt(&mut self, prompt: &[u32], count: u64) -> Option<Allocation> {
+    /// prompts that began the same way unless `reuse` is false; `None` (and nothing
+    /// taken) when too few are free. Whenever `count <= free()`, this succeeds.
+    pub fn allocate_for_prompt(
+        &mut self,
+        prompt: &[u32],
+        count: u64,
+        reuse: bool,
+    ) -> Option<Allocation> {
         let count = usize::try_from(count).ok()?;
-        let hits = self.cached_prefix(prompt);
+        let hits = if reuse {
+            self.cached_prefix(prompt)
+        } else {
+            Vec::new()
+        };
         let hits = &hits[..hits.len().min(count)];
         // Shared blocks held by others cost nothing; unheld ones leave the free pool.
         let reclaimed = hits
@@ -319,35 +328,49 @@ mod tests {
     fn prompts_share_their_common_full_blocks() {
         let mut a = BlockAllocator::new(16, 4, 0).with_prefix_caching(true);
         let first = prompt(10, 0);
-        let x = a.allocate_for_prompt(&first, 4).unwrap();
+        let x = a.allocate_for_prompt(&first, 4, true).unwrap();
         assert_eq!(x.cached_tokens, 0, "nothing cached yet");
         // Not shared before its prefill registered it.
-        assert_eq!(a.allocate_for_prompt(&first, 4).unwrap().cached_tokens, 0);
+        assert_eq!(
+            a.allocate_for_prompt(&first, 4, true)
+                .unwrap()
+                .cached_tokens,
+            0
+        );
         a.register(&first, &x.blocks);
         // Same first 9 tokens, then different: blocks 0 and 1 (tokens 0..8) shared.
         let mut second = first[..9].to_vec();
         second.extend([999, 998, 997]);
-        let y = a.allocate_for_prompt(&second, 4).unwrap();
+        let y = a.allocate_for_prompt(&second, 4, true).unwrap();
         assert_eq!(y.cached_tokens, 8);
         assert_eq!(y.blocks[..2], x.blocks[..2]);
         assert!(!x.blocks.contains(&y.blocks[2]) && !x.blocks.contains(&y.blocks[3]));
         // A prompt of exactly two blocks shares only the first: its last token's
         // block is computed.
-        let z = a.allocate_for_prompt(&first[..8], 3).unwrap();
+        let z = a.allocate_for_prompt(&first[..8], 3, true).unwrap();
         assert_eq!(z.cached_tokens, 4);
         // A different first block shares nothing, even with later blocks equal.
         let mut other = first.clone();
         other[0] = 12345;
-        assert_eq!(a.allocate_for_prompt(&other, 3).unwrap().cached_tokens, 0);
+        assert_eq!(
+            a.allocate_for_prompt(&other, 3, true)
+                .unwrap()
+                .cached_tokens,
+            0
+        );
+        // Without reuse (a prompt whose log-probabilities are wanted) nothing is shared.
+        let w = a.allocate_for_prompt(&first, 1, false).unwrap();
+        assert_eq!(w.cached_tokens, 0);
+        assert!(w.blocks.iter().all(|b| !x.blocks.contains(b)));
     }
 
     #[test]
     fn cached_blocks_count_as_free_and_are_evicted_oldest_first() {
         let mut a = BlockAllocator::new(6, 4, 0).with_prefix_caching(true);
         let (p, q) = (prompt(9, 0), prompt(9, 1));
-        let x = a.allocate_for_prompt(&p, 3).unwrap();
+        let x = a.allocate_for_prompt(&p, 3, true).unwrap();
         a.register(&p, &x.blocks);
-        let y = a.allocate_for_prompt(&q, 3).unwrap();
+        let y = a.allocate_for_prompt(&q, 3, true).unwrap();
         a.register(&q, &y.blocks);
         assert_eq!(a.free(), 0);
         a.release(x.blocks.clone());
@@ -355,7 +378,7 @@ mod tests {
         assert_eq!((a.free(), a.used()), (6, 0));
         assert_eq!(a.cached(), 4, "two full blocks of each prompt");
         // Reused while cached: p's prefix comes back from the evictable blocks.
-        let again = a.allocate_for_prompt(&p, 3).unwrap();
+        let again = a.allocate_for_prompt(&p, 3, true).unwrap();
         assert_eq!(again.cached_tokens, 8);
         assert_eq!(again.blocks[..2], x.blocks[..2]);
         assert_eq!(a.free(), 3);
@@ -363,10 +386,10 @@ mod tests {
         let big = a.allocate(3).unwrap();
         assert_eq!(a.free(), 0);
         assert!(big.contains(&y.blocks[0]) || big.contains(&y.blocks[1]));
-        assert_eq!(a.allocate_for_prompt(&q, 1), None, "nothing free");
+        assert_eq!(a.allocate_for_prompt(&q, 1, true), None, "nothing free");
         a.release(big);
         assert_eq!(
-            a.allocate_for_prompt(&q, 3).unwrap().cached_tokens,
+            a.allocate_for_prompt(&q, 3, true).unwrap().cached_tokens,
             0,
             "q's prefix was evicted"
         );
@@ -376,9 +399,9 @@ mod tests {
     fn shared_blocks_stay_until_the_last_holder_leaves() {
         let mut a = BlockAllocator::new(8, 4, 0).with_prefix_caching(true);
         let p = prompt(9, 3);
-        let x = a.allocate_for_prompt(&p, 3).unwrap();
+        let x = a.allocate_for_prompt(&p, 3, true).unwrap();
         a.register(&p, &x.blocks);
-        let y = a.allocate_for_prompt(&p, 3).unwrap();
+        let y = a.allocate_for_prompt(&p, 3, true).unwrap();
         assert_eq!(y.cached_tokens, 8);
         assert_eq!(a.used(), 4, "two shared blocks and one each");
         a.release(x.blocks);
@@ -397,11 +420,11 @@ mod tests {
     fn allocation_fits_whenever_the_count_is_free() {
         let mut a = BlockAllocator::new(5, 2, 0).with_prefix_caching(true);
         let p = prompt(7, 0);
-        let x = a.allocate_for_prompt(&p, 4).unwrap();
+        let x = a.allocate_for_prompt(&p, 4, true).unwrap();
         a.register(&p, &x.blocks);
         a.release(x.blocks);
         // All 5 free (3 of them cached); a request for all 5 that shares 3 succeeds.
-        let y = a.allocate_for_prompt(&p, 5).unwrap();
+        let y = a.allocate_for_prompt(&p, 5, true).unwrap();
         assert_eq!(y.cached_tokens, 6);
         assert_eq!(y.blocks.len(), 5);
         assert_eq!(a.free(), 0);
@@ -415,12 +438,12 @@ mod tests {
     fn forgetting_prefixes_empties_the_cache_but_not_held_blocks() {
         let mut a = BlockAllocator::new(8, 4, 0).with_prefix_caching(true);
         let p = prompt(9, 0);
-        let x = a.allocate_for_prompt(&p, 3).unwrap();
+        let x = a.allocate_for_prompt(&p, 3, true).unwrap();
         a.register(&p, &x.blocks);
-        let y = a.allocate_for_prompt(&p, 3).unwrap();
+        let y = a.allocate_for_prompt(&p, 3, true).unwrap();
         a.release(y.blocks);
         a.forget_prefixes();
-        assert_eq!(a.allocate_for_prompt(&p, 3).unwrap().cached_tokens, 0);
+        assert_eq!(a.allocate_for_prompt(&p, 3, true).unwrap().cached_tokens, 0);
         assert_eq!(a.used(), 6, "x keeps its blocks");
     }
 
@@ -428,9 +451,9 @@ mod tests {
     fn without_prefix_caching_nothing_is_shared() {
         let mut a = BlockAllocator::new(8, 4, 0);
         let p = prompt(9, 0);
-        let x = a.allocate_for_prompt(&p, 3).unwrap();
+        let x = a.allocate_for_prompt(&p, 3, true).unwrap();
         a.register(&p, &x.blocks);
-        assert_eq!(a.allocate_for_prompt(&p, 3).unwrap().cached_tokens, 0);
+        assert_eq!(a.allocate_for_prompt(&p, 3, true).unwrap().cached_tokens, 0);
         a.release(x.blocks);
         assert_eq!(a.cached(), 0);
     }

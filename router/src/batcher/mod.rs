@@ -115,6 +115,7 @@ pub(crate) mod testing {
                     max_new_tokens,
                     ..Default::default()
                 },
+                prompt_logprobs: false,
             },
             response: tx,
             queued: Instant::now(),

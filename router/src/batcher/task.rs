@@ -15,7 +15,9 @@ use super::replica::Load;
 use super::{Entry, Health, HealthReporter};
 use crate::client::{ClientError, ShardedClient, Step};
 use crate::config::BatchingConfig;
-use crate::infer::{FinishReason, GeneratedText, InferError, InferStreamResponse, Token};
+use crate::infer::{
+    FinishReason, GeneratedText, InferError, InferStreamResponse, PromptLogprobs, Token,
+};
 use crate::metrics::{Metrics, ReplicaMetrics};
 
 /// A request in the running batch.
@@ -24,6 +26,8 @@ struct Active {
     blocks: Vec<u32>,
     /// Prompt tokens served from the prefix cache.
     cached_tokens: u32,
+    /// From the first generation, when the request asked for them.
+    prompt_logprobs: Option<PromptLogprobs>,
     start: Instant,
     generated: u32,
     text: String,
@@ -310,9 +314,11 @@ impl BatchingTask {
             // Admitted: its wait in the queue ends here.
             entry.queue_span = Span::none();
             let need = self.need(&entry);
-            let Some(allocation) = self
-                .blocks
-                .allocate_for_prompt(&entry.request.input_ids, need.blocks)
+            // Prompt log-probabilities need every prompt position computed.
+            let reuse = !entry.request.prompt_logprobs;
+            let Some(allocation) =
+                self.blocks
+                    .allocate_for_prompt(&entry.request.input_ids, need.blocks, reuse)
             else {
                 // admit() checked the free blocks; this cannot happen, but never lose a request.
                 entry.fail(InferError::Unavailable("no free KV blocks".into()));
@@ -351,6 +357,7 @@ impl BatchingTask {
                 }),
                 blocks: allocation.blocks.clone(),
                 cached_tokens: allocation.cached_tokens,
+                prompt_logprobs: r.prompt_logprobs,
             });
             self.metrics.prefix_cache_queries.inc_by(need.input_tokens);
             self.metrics
@@ -363,6 +370,7 @@ impl BatchingTask {
                     entry,
                     blocks,
                     cached_tokens: allocation.cached_tokens,
+                    prompt_logprobs: None,
                     start,
                     generated: 0,
                     text: String::new(),
@@ -556,6 +564,16 @@ impl BatchingTask {
             let Some(active) = self.running.requests.get_mut(&g.request_id) else {
                 continue;
             };
+            if let Some(p) = g.prompt_logprobs {
+                active.prompt_logprobs = Some(PromptLogprobs {
+                    logprobs: p.logprobs,
+                    top: p
+                        .top
+                        .into_iter()
+                        .map(|t| t.tokens.into_iter().map(|t| token(Some(t))).collect())
+                        .collect(),
+                });
+            }
             let top_tokens = g.top_tokens.into_iter().map(|t| token(Some(t))).collect();
             let token = token(g.token);
             active.generated += 1;
@@ -583,6 +601,7 @@ impl BatchingTask {
                         .record("finish_reason", reason.as_tgi());
                     let generated_text = GeneratedText {
                         cached_tokens: active.cached_tokens,
+                        prompt_logprobs: active.prompt_logprobs,
                         text: active.text,
                         generated_tokens: active.generated,
                         finish_reason: reason,

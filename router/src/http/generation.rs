@@ -126,6 +126,7 @@ mod tests {
                 ..Default::default()
             },
             stopping: ValidStopping::default(),
+            prompt_logprobs: false,
         };
         let seeds: Vec<u64> = with_seeds(request, 3)
             .iter()

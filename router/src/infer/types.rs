@@ -60,6 +60,19 @@ pub struct ValidGenerateRequest {
     pub input_ids: Vec<u32>,
     pub parameters: ValidParameters,
     pub stopping: ValidStopping,
+    /// Also compute the model's log-probability of each prompt token (TGI's
+    /// `decoder_input_details`, OpenAI's `echo` with `logprobs`); such a prompt
+    /// is computed whole, without the prefix cache.
+    pub prompt_logprobs: bool,
+}
+
+/// The model's log-probabilities of prompt tokens 1.. (each given the tokens
+/// before it), and the most likely tokens at each of those positions.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PromptLogprobs {
+    pub logprobs: Vec<f32>,
+    /// Empty, or one list per entry of `logprobs`.
+    pub top: Vec<Vec<Token>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -106,6 +119,8 @@ pub struct GeneratedText {
     pub seed: Option<u64>,
     /// Prompt tokens whose keys and values came from the prefix cache.
     pub cached_tokens: u32,
+    /// When the request asked for them.
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
 
 /// One event of a request's stream.

@@ -16,6 +16,7 @@ pub fn request(r: pb::Request, eos_token_ids: &[u32]) -> GenerateRequest {
         id: r.id,
         prompt: r.input_ids,
         cached_tokens: r.cached_tokens as usize,
+        prompt_logprobs: r.prompt_logprobs,
         sampling: SamplingParams {
             temperature: sampling.temperature,
             do_sample: sampling.do_sample,
@@ -70,6 +71,16 @@ pub fn generation(g: Generation) -> pb::Generation {
         }),
         top_tokens: g.top_tokens.into_iter().map(top_token).collect(),
         finish_reason: finish_reason(g.finish_reason) as i32,
+        prompt_logprobs: g.prompt_logprobs.map(|p| pb::PromptLogprobs {
+            logprobs: p.logprobs,
+            top: p
+                .top
+                .into_iter()
+                .map(|tokens| pb::TopTokens {
+                    tokens: tokens.into_iter().map(top_token).collect(),
+                })
+                .collect(),
+        }),
     }
 }
 
@@ -111,12 +122,14 @@ mod tests {
             }),
             blocks: vec![5, 6],
             cached_tokens: 2,
+            prompt_logprobs: true,
         };
         let g = request(r, &[0, 2]);
         assert_eq!(g.id, 7);
         assert_eq!(g.prompt, vec![1, 2, 3]);
         assert_eq!(g.block_table, vec![5, 6]);
         assert_eq!(g.cached_tokens, 2);
+        assert!(g.prompt_logprobs);
         assert_eq!(g.sampling.seed, Some(42));
         assert_eq!(g.sampling.top_k, 4);
         assert_eq!(g.sampling.top_n_tokens, 2);

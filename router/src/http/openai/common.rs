@@ -6,8 +6,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::schema::{ChatTokenLogprob, CompletionLogprobs, SamplingFields, StopSpec, TopLogprob};
 use crate::http::info::ServerInfo;
-use crate::infer::Token;
+use crate::infer::{PromptLogprobs, Token};
 use crate::validation::GenerateParameters;
+use tessera_model::prompt::PromptEncoder;
 
 /// OpenAI semantics on top of the generic parameters: sampling by default,
 /// `temperature: 0` is greedy (and turns the other warpers off), `top_k` <= 0
@@ -108,15 +109,48 @@ pub fn extend_completion_logprobs(
 ) {
     for (token, top) in tokens {
         logprobs.tokens.push(token.text.clone());
-        logprobs.token_logprobs.push(token.logprob);
-        logprobs.top_logprobs.push(
+        logprobs.token_logprobs.push(Some(token.logprob));
+        logprobs.top_logprobs.push(Some(
             top.iter()
                 .map(|t| (t.text.clone(), t.logprob))
                 .collect::<BTreeMap<_, _>>(),
-        );
+        ));
         logprobs.text_offset.push(*offset);
         *offset += token.text.len();
     }
+}
+
+/// Completion logprobs of an echoed prompt: its tokens with the model's
+/// log-probabilities (null for the first, which nothing predicts) and
+/// alternatives, `text_offset` counted from the start of the text.
+pub fn prompt_completion_logprobs(
+    encoder: &PromptEncoder,
+    ids: &[u32],
+    prompt: &PromptLogprobs,
+) -> CompletionLogprobs {
+    let mut lp = CompletionLogprobs::default();
+    let mut offset = 0usize;
+    for (i, &id) in ids.iter().enumerate() {
+        let text = encoder.token_text(id);
+        let at = i.checked_sub(1);
+        lp.token_logprobs
+            .push(at.and_then(|j| prompt.logprobs.get(j).copied()));
+        lp.top_logprobs.push(at.map(|j| {
+            prompt
+                .top
+                .get(j)
+                .map(|top| {
+                    top.iter()
+                        .map(|t| (t.text.clone(), t.logprob))
+                        .collect::<BTreeMap<_, _>>()
+                })
+                .unwrap_or_default()
+        }));
+        lp.text_offset.push(offset);
+        offset += text.len();
+        lp.tokens.push(text);
+    }
+    lp
 }
 
 /// The non-special tokens whose text starts before byte `visible_len` of
@@ -211,6 +245,6 @@ mod tests {
         extend_completion_logprobs(&mut lp, &[(token("c", false), vec![])], &mut offset);
         assert_eq!(lp.text_offset, vec![3, 5]);
         assert_eq!(offset, 6);
-        assert_eq!(lp.top_logprobs[0].get("x"), Some(&-1.0));
+        assert_eq!(lp.top_logprobs[0].as_ref().unwrap().get("x"), Some(&-1.0));
     }
 }

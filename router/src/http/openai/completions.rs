@@ -8,7 +8,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::common::{
-    extend_completion_logprobs, generate_parameters, visible_tokens, ResponseMeta, TokenWithTop,
+    extend_completion_logprobs, generate_parameters, prompt_completion_logprobs, visible_tokens,
+    ResponseMeta, TokenWithTop,
 };
 use super::schema::{
     cached_prompt_tokens, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
@@ -68,14 +69,27 @@ async fn complete(
     if prompts.is_empty() {
         return Err(ApiError::validation("`prompt` cannot be empty"));
     }
-    let parameters = generate_parameters(&body.sampling, body.max_tokens, body.logprobs);
-    let stops = parameters.stop.clone();
     let logprobs = body.logprobs.is_some();
     let echo = body.echo.unwrap_or(false);
+    let streaming = body.sampling.stream.unwrap_or(false);
+    // `echo` with `max_tokens: 0`: score the prompt only. One token is generated and
+    // left out of the answer.
+    let prompt_only = echo && !streaming && body.max_tokens == Some(0);
+    let max_tokens = if prompt_only {
+        Some(1)
+    } else {
+        body.max_tokens
+    };
+    let parameters = generate_parameters(&body.sampling, max_tokens, body.logprobs);
+    let stops = parameters.stop.clone();
+    // The prompt's own log-probabilities go with the echoed prompt (not streamed).
+    let prompt_logprobs = echo && logprobs && !streaming;
     // Validated once per prompt; `n` copies of each with consecutive seeds.
     let mut requests: Vec<ValidGenerateRequest> = Vec::new();
     let mut prompt_tokens = 0u32;
     let mut echoes: HashMap<u32, String> = HashMap::new();
+    // Prompt token ids by choice, for the echoed prompt's logprobs.
+    let mut prompt_ids: HashMap<u32, Vec<u32>> = HashMap::new();
     for prompt in prompts {
         let request = match prompt {
             Prompt::Text(text) => state.validation.validate(text, parameters.clone()).await?,
@@ -87,9 +101,14 @@ async fn complete(
             }
         };
         prompt_tokens += request.input_ids.len() as u32;
+        let mut request = request;
+        request.prompt_logprobs = prompt_logprobs;
         for copy in with_seeds(request, n) {
             if echo {
                 echoes.insert(requests.len() as u32, copy.inputs.clone());
+            }
+            if prompt_logprobs {
+                prompt_ids.insert(requests.len() as u32, copy.input_ids.clone());
             }
             requests.push(copy);
         }
@@ -97,7 +116,7 @@ async fn complete(
     metrics.validated();
     let meta = ResponseMeta::new("cmpl", &state.info);
 
-    if body.sampling.stream.unwrap_or(false) {
+    if streaming {
         let mut choices = Vec::with_capacity(requests.len());
         for (index, request) in (0u32..).zip(requests) {
             choices.push(ChoiceStream {
@@ -130,15 +149,23 @@ async fn complete(
     if let Some(at) = first_token(&collected) {
         metrics.token_at(at);
     }
+    let encoder = state.validation.encoder();
     let choices: Vec<CompletionChoice> = (0u32..)
         .zip(&collected)
         .map(|(index, c)| {
             let r = &c.response;
             let reason = r.generated_text.finish_reason;
-            let generated = trim_stop_sequence(&r.generated_text.text, &stops, reason);
+            let generated = if prompt_only {
+                String::new()
+            } else {
+                trim_stop_sequence(&r.generated_text.text, &stops, reason)
+            };
             let prefix = echoes.get(&index).cloned().unwrap_or_default();
             let logprobs = logprobs.then(|| {
-                let mut lp = CompletionLogprobs::default();
+                let mut lp = match (&r.generated_text.prompt_logprobs, prompt_ids.get(&index)) {
+                    (Some(prompt), Some(ids)) => prompt_completion_logprobs(encoder, ids, prompt),
+                    _ => CompletionLogprobs::default(),
+                };
                 let mut offset = prefix.len();
                 let tokens = visible_tokens(&r.tokens, &r.top_tokens, generated.len());
                 extend_completion_logprobs(&mut lp, &tokens, &mut offset);
@@ -148,14 +175,26 @@ async fn complete(
                 index,
                 text: prefix + &generated,
                 logprobs,
-                finish_reason: Some(reason.as_openai().to_string()),
+                // Nothing generated was asked for: the prompt ends at the length limit.
+                finish_reason: Some(
+                    if prompt_only {
+                        "length"
+                    } else {
+                        reason.as_openai()
+                    }
+                    .to_string(),
+                ),
             }
         })
         .collect();
-    let completion_tokens = collected
-        .iter()
-        .map(|c| c.response.generated_text.generated_tokens)
-        .sum();
+    let completion_tokens = if prompt_only {
+        0
+    } else {
+        collected
+            .iter()
+            .map(|c| c.response.generated_text.generated_tokens)
+            .sum()
+    };
     if let Some(stats) = combined_stats(prompt_tokens, &collected) {
         metrics.success(stats);
     }

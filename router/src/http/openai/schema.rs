@@ -190,7 +190,10 @@ pub struct CompletionRequest {
     /// Alternatives per token to return (0 returns only the chosen tokens' logprobs).
     #[serde(default)]
     pub logprobs: Option<u32>,
-    /// Prepend the prompt to the text.
+    /// Prepend the prompt to the text; with `logprobs`, the prompt's tokens come
+    /// first in `logprobs` too, with the model's log-probabilities. With
+    /// `max_tokens: 0` (not streamed) only the prompt comes back, as evaluation
+    /// harnesses ask for to score a text.
     #[serde(default)]
     pub echo: Option<bool>,
     /// Not supported (insertion): must be absent, null or empty.
@@ -322,8 +325,9 @@ pub struct ChatCompletionChunk {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    /// Null only for the first token of an echoed prompt, which nothing predicts.
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
     /// Byte offset of each token in the choice's text.
     pub text_offset: Vec<usize>,
 }

@@ -17,7 +17,7 @@ use crate::http::extract::JsonBody;
 use crate::http::generation::{combined_stats, first_token, generate_all, with_seeds};
 use crate::http::request_metrics::RequestMetrics;
 use crate::http::AppState;
-use crate::infer::InferResponse;
+use crate::infer::{InferResponse, PromptLogprobs};
 
 #[utoipa::path(
     post,
@@ -54,15 +54,6 @@ async fn generate_response(
     let prepared = prepare(state, body, false).await?;
     metrics.validated();
     let input_tokens = prepared.request.input_ids.len() as u32;
-    let prefill = if prepared.decoder_input_details {
-        prefill_tokens(
-            state.validation.encoder().clone(),
-            prepared.request.input_ids.clone(),
-        )
-        .await
-    } else {
-        Vec::new()
-    };
     let mut collected = generate_all(
         &state.infer,
         with_seeds(prepared.request.clone(), prepared.best_of),
@@ -79,6 +70,16 @@ async fn generate_response(
         .next()
         .ok_or_else(|| ApiError::from(crate::infer::InferError::IncompleteGeneration))?;
     let others: Vec<InferResponse> = sequences.collect();
+    let prefill = if prepared.decoder_input_details {
+        prefill_tokens(
+            state.validation.encoder().clone(),
+            prepared.request.input_ids.clone(),
+            best.generated_text.prompt_logprobs.clone(),
+        )
+        .await
+    } else {
+        Vec::new()
+    };
     let headers = timing_headers(metrics, &best);
     let response = build_response(&prepared, best, others, prefill);
     if let Some(stats) = stats {
@@ -149,14 +150,21 @@ fn top_tokens(response: &InferResponse) -> Vec<Vec<TokenInfo>> {
         .collect()
 }
 
-/// The prompt tokens with their texts (no logprobs: the shards do not compute them).
-async fn prefill_tokens(encoder: Arc<PromptEncoder>, ids: Vec<u32>) -> Vec<PrefillToken> {
+/// The prompt tokens with their texts and the model's log-probabilities (none for
+/// the first token, which nothing predicts).
+async fn prefill_tokens(
+    encoder: Arc<PromptEncoder>,
+    ids: Vec<u32>,
+    logprobs: Option<PromptLogprobs>,
+) -> Vec<PrefillToken> {
+    let logprobs = logprobs.map(|p| p.logprobs).unwrap_or_default();
     tokio::task::spawn_blocking(move || {
         ids.iter()
-            .map(|&id| PrefillToken {
+            .enumerate()
+            .map(|(i, &id)| PrefillToken {
                 id,
                 text: encoder.token_text(id),
-                logprob: None,
+                logprob: i.checked_sub(1).and_then(|j| logprobs.get(j).copied()),
             })
             .collect()
     })

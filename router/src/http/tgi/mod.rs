@@ -73,11 +73,15 @@ pub(crate) async fn prepare(
         )
         .into());
     }
+    if stream && parameters.decoder_input_details {
+        return Err(crate::validation::ValidationError::DecoderInputDetailsStream.into());
+    }
     let generic = parameters.to_generate_parameters();
     let best_of = state
         .validation
         .validate_best_of(parameters.best_of, &generic, stream)?;
-    let request = state.validation.validate(body.inputs, generic).await?;
+    let mut request = state.validation.validate(body.inputs, generic).await?;
+    request.prompt_logprobs = parameters.decoder_input_details;
     let prefix = parameters
         .return_full_text
         .unwrap_or(false)

@@ -99,7 +99,8 @@ impl From<&Token> for TokenInfo {
     }
 }
 
-/// A prompt token (`decoder_input_details`); its logprob is not computed.
+/// A prompt token (`decoder_input_details`) with the model's log-probability of
+/// it given the tokens before it (null for the first).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PrefillToken {
     pub id: u32,
