@@ -94,7 +94,6 @@ async fn fake_batcher(mut entries: mpsc::UnboundedReceiver<Entry>) {
                             seed: Some(request.parameters.seed),
                             // As if every prompt token but the last came from the prefix cache.
                             cached_tokens: request.input_ids.len().saturating_sub(1) as u32,
-                            prompt_logprobs: None,
                         },
                         queued,
                         start,

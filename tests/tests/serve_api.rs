@@ -344,6 +344,36 @@ fn prompt_tokens_are_scored_like_the_tokens_generated() {
             assert!((best - got).abs() < 1e-3, "round {round}: {top:?} vs {got}");
         }
     }
+    // Streamed, the echoed prompt comes first with the same logprobs.
+    let events = http
+        .stream(
+            "/v1/completions",
+            &json!({"prompt": ids, "max_tokens": 2, "echo": true, "logprobs": 1,
+                "stream": true, "temperature": 0}),
+        )
+        .collect();
+    let chunks = openai_chunks(events);
+    let first = &chunks[0]["choices"][0];
+    let streamed = first["logprobs"]["token_logprobs"].as_array().unwrap();
+    assert_eq!(streamed.len(), ids.len(), "{first}");
+    assert!(streamed[0].is_null());
+    for (i, t) in prefill.iter().enumerate().skip(1) {
+        let (got, want) = (
+            streamed[i].as_f64().unwrap(),
+            t["logprob"].as_f64().unwrap(),
+        );
+        assert!(
+            (got - want).abs() < 1e-4,
+            "streamed prompt token {i}: {got} vs {want}"
+        );
+    }
+    assert!(
+        first["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("The sky is blue"),
+        "{first}"
+    );
     // TGI refuses it when streaming, as TGI does.
     let (status, error) = http.post_json(
         "/generate_stream",

@@ -26,8 +26,6 @@ struct Active {
     blocks: Vec<u32>,
     /// Prompt tokens served from the prefix cache.
     cached_tokens: u32,
-    /// From the first generation, when the request asked for them.
-    prompt_logprobs: Option<PromptLogprobs>,
     start: Instant,
     generated: u32,
     text: String,
@@ -370,7 +368,6 @@ impl BatchingTask {
                     entry,
                     blocks,
                     cached_tokens: allocation.cached_tokens,
-                    prompt_logprobs: None,
                     start,
                     generated: 0,
                     text: String::new(),
@@ -565,14 +562,18 @@ impl BatchingTask {
                 continue;
             };
             if let Some(p) = g.prompt_logprobs {
-                active.prompt_logprobs = Some(PromptLogprobs {
+                let prompt = PromptLogprobs {
                     logprobs: p.logprobs,
                     top: p
                         .top
                         .into_iter()
                         .map(|t| t.tokens.into_iter().map(|t| token(Some(t))).collect())
                         .collect(),
-                });
+                };
+                let _ = active
+                    .entry
+                    .response
+                    .send(Ok(InferStreamResponse::Prompt(prompt)));
             }
             let top_tokens = g.top_tokens.into_iter().map(|t| token(Some(t))).collect();
             let token = token(g.token);
@@ -601,7 +602,6 @@ impl BatchingTask {
                         .record("finish_reason", reason.as_tgi());
                     let generated_text = GeneratedText {
                         cached_tokens: active.cached_tokens,
-                        prompt_logprobs: active.prompt_logprobs,
                         text: active.text,
                         generated_tokens: active.generated,
                         finish_reason: reason,

@@ -54,9 +54,16 @@ pub async fn collect(input_length: u32, mut stream: InferStream) -> Result<Colle
     let mut tokens = Vec::new();
     let mut top_tokens = Vec::new();
     let mut first_token = None;
+    let mut prompt_logprobs = None;
     while let Some(event) = stream.next().await {
+        let event = event?;
+        if let InferStreamResponse::Prompt(prompt) = event {
+            prompt_logprobs = Some(prompt);
+            continue;
+        }
         first_token.get_or_insert_with(Instant::now);
-        match event? {
+        match event {
+            InferStreamResponse::Prompt(_) => {}
             InferStreamResponse::Intermediate {
                 token,
                 top_tokens: top,
@@ -79,6 +86,7 @@ pub async fn collect(input_length: u32, mut stream: InferStream) -> Result<Colle
                         tokens,
                         top_tokens,
                         generated_text,
+                        prompt_logprobs,
                         queued,
                         start,
                     },

@@ -119,13 +119,14 @@ pub struct GeneratedText {
     pub seed: Option<u64>,
     /// Prompt tokens whose keys and values came from the prefix cache.
     pub cached_tokens: u32,
-    /// When the request asked for them.
-    pub prompt_logprobs: Option<PromptLogprobs>,
 }
 
 /// One event of a request's stream.
 #[derive(Debug, Clone)]
 pub enum InferStreamResponse {
+    /// The prompt's log-probabilities, before the first token, when the request
+    /// asked for them.
+    Prompt(PromptLogprobs),
     /// A token that is not the last.
     Intermediate {
         token: Token,
@@ -150,6 +151,8 @@ pub struct InferResponse {
     /// `top_n_tokens` alternatives of each generated token.
     pub top_tokens: Vec<Vec<Token>>,
     pub generated_text: GeneratedText,
+    /// When the request asked for them.
+    pub prompt_logprobs: Option<PromptLogprobs>,
     pub queued: Instant,
     pub start: Instant,
 }

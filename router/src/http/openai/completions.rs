@@ -1,11 +1,13 @@
 //! `POST /v1/completions`: one choice per prompt and per `n`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use tessera_model::prompt::PromptEncoder;
 
 use super::common::{
     extend_completion_logprobs, generate_parameters, prompt_completion_logprobs, visible_tokens,
@@ -23,7 +25,7 @@ use crate::http::request_metrics::RequestMetrics;
 use crate::http::sse::data_event;
 use crate::http::stop::trim_stop_sequence;
 use crate::http::AppState;
-use crate::infer::{FinishReason, ValidGenerateRequest};
+use crate::infer::{FinishReason, PromptLogprobs, ValidGenerateRequest};
 use crate::validation::ValidationError;
 
 #[utoipa::path(
@@ -82,8 +84,8 @@ async fn complete(
     };
     let parameters = generate_parameters(&body.sampling, max_tokens, body.logprobs);
     let stops = parameters.stop.clone();
-    // The prompt's own log-probabilities go with the echoed prompt (not streamed).
-    let prompt_logprobs = echo && logprobs && !streaming;
+    // The prompt's own log-probabilities go with the echoed prompt.
+    let prompt_logprobs = echo && logprobs;
     // Validated once per prompt; `n` copies of each with consecutive seeds.
     let mut requests: Vec<ValidGenerateRequest> = Vec::new();
     let mut prompt_tokens = 0u32;
@@ -140,6 +142,8 @@ async fn complete(
             meta,
             logprobs,
             echoes,
+            prompt_ids,
+            encoder: state.validation.encoder().clone(),
             offsets: HashMap::new(),
         };
         return Ok(spawn_stream(plan, writer, metrics.hand_over()));
@@ -162,7 +166,7 @@ async fn complete(
             };
             let prefix = echoes.get(&index).cloned().unwrap_or_default();
             let logprobs = logprobs.then(|| {
-                let mut lp = match (&r.generated_text.prompt_logprobs, prompt_ids.get(&index)) {
+                let mut lp = match (&r.prompt_logprobs, prompt_ids.get(&index)) {
                     (Some(prompt), Some(ids)) => prompt_completion_logprobs(encoder, ids, prompt),
                     _ => CompletionLogprobs::default(),
                 };
@@ -224,6 +228,10 @@ pub struct CompletionChunkWriter {
     pub logprobs: bool,
     /// Prompt to send first, by choice (`echo`).
     pub echoes: HashMap<u32, String>,
+    /// Prompt token ids by choice when the echoed prompt comes with its logprobs
+    /// (`echo` and `logprobs`): then it is sent when they arrive, not at the opening.
+    pub prompt_ids: HashMap<u32, Vec<u32>>,
+    pub encoder: Arc<PromptEncoder>,
     /// Bytes of text sent so far, by choice (for `text_offset`).
     pub offsets: HashMap<u32, usize>,
 }
@@ -244,12 +252,29 @@ impl CompletionChunkWriter {
 
 impl ChunkWriter for CompletionChunkWriter {
     fn opening(&mut self, index: u32) -> Option<Bytes> {
+        if self.prompt_ids.contains_key(&index) {
+            return None;
+        }
         let prompt = self.echoes.get(&index)?.clone();
         self.offsets.insert(index, prompt.len());
         let choice = CompletionChoice {
             index,
             text: prompt,
             logprobs: None,
+            finish_reason: None,
+        };
+        Some(data_event(&self.chunk(vec![choice], None)))
+    }
+
+    fn prompt(&mut self, index: u32, logprobs: PromptLogprobs) -> Option<Bytes> {
+        let ids = self.prompt_ids.get(&index)?;
+        let prompt = self.echoes.get(&index)?.clone();
+        let logprobs = prompt_completion_logprobs(&self.encoder, ids, &logprobs);
+        self.offsets.insert(index, prompt.len());
+        let choice = CompletionChoice {
+            index,
+            text: prompt,
+            logprobs: Some(logprobs),
             finish_reason: None,
         };
         Some(data_event(&self.chunk(vec![choice], None)))
@@ -304,6 +329,8 @@ mod tests {
             },
             logprobs: false,
             echoes: HashMap::from([(0, "Say".to_string())]),
+            prompt_ids: HashMap::new(),
+            encoder: crate::validation::tests::tiny_encoder(),
             offsets: HashMap::new(),
         };
         assert!(w.opening(1).is_none());
@@ -315,5 +342,58 @@ mod tests {
         assert_eq!(end["choices"][0]["text"], " hi");
         assert_eq!(end["choices"][0]["finish_reason"], "length");
         assert_eq!(w.offsets[&0], 6);
+    }
+
+    /// With `echo` and `logprobs`, the echoed prompt waits for its logprobs and
+    /// carries them: null for the first token, offsets from the start of the text.
+    #[test]
+    fn echoed_prompt_carries_its_logprobs() {
+        let encoder = crate::validation::tests::tiny_encoder();
+        let ids = encoder.encode("hello world").unwrap();
+        assert_eq!(ids.len(), 3);
+        let text = encoder.decode(&ids, false).unwrap();
+        let mut w = CompletionChunkWriter {
+            meta: ResponseMeta {
+                id: "cmpl-x".into(),
+                created: 1,
+                model: "m".into(),
+                system_fingerprint: "fp".into(),
+            },
+            logprobs: true,
+            echoes: HashMap::from([(0, text.clone())]),
+            prompt_ids: HashMap::from([(0, ids.clone())]),
+            encoder: encoder.clone(),
+            offsets: HashMap::new(),
+        };
+        assert!(w.opening(0).is_none(), "the prompt waits for its logprobs");
+        let top = |id: u32, logprob: f32| crate::infer::Token {
+            id,
+            text: encoder.token_text(id),
+            logprob,
+            special: false,
+        };
+        let scored = PromptLogprobs {
+            logprobs: vec![-3.0, -0.5],
+            top: vec![vec![top(ids[1], -3.0)], vec![top(ids[2], -0.5)]],
+        };
+        let chunk = parse(w.prompt(0, scored).unwrap());
+        let choice = &chunk["choices"][0];
+        assert_eq!(choice["text"], text.as_str());
+        let lp = &choice["logprobs"];
+        assert_eq!(lp["token_logprobs"], serde_json::json!([null, -3.0, -0.5]));
+        assert!(lp["top_logprobs"][0].is_null());
+        assert_eq!(lp["top_logprobs"][2][encoder.token_text(ids[2])], -0.5);
+        assert_eq!(lp["text_offset"][0], 0);
+        let joined: String = lp["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(w.offsets[&0], text.len());
+        assert_eq!(
+            joined.len(),
+            lp["text_offset"][2].as_u64().unwrap() as usize + encoder.token_text(ids[2]).len()
+        );
     }
 }

@@ -16,7 +16,7 @@ use crate::http::error::ApiError;
 use crate::http::request_metrics::{GenerationStats, RequestMetrics};
 use crate::http::sse::{done_event, error_event, sse_channel, SseSender};
 use crate::http::stop::StopTrimmer;
-use crate::infer::{FinishReason, InferError, InferStream, InferStreamResponse};
+use crate::infer::{FinishReason, InferError, InferStream, InferStreamResponse, PromptLogprobs};
 
 /// Formats the chunks of one route.
 pub trait ChunkWriter: Send + 'static {
@@ -32,6 +32,11 @@ pub trait ChunkWriter: Send + 'static {
         finish_reason: Option<FinishReason>,
     ) -> Bytes;
     fn usage(&mut self, usage: Usage) -> Bytes;
+    /// The prompt's log-probabilities of choice `index`, which come before its first
+    /// token when the request asked for them (completions: the echoed prompt).
+    fn prompt(&mut self, _index: u32, _logprobs: PromptLogprobs) -> Option<Bytes> {
+        None
+    }
 }
 
 /// One choice's token stream.
@@ -131,8 +136,17 @@ impl<W: ChunkWriter> StreamTask<W> {
             let Some(state) = states.get_mut(&index) else {
                 continue;
             };
+            if let InferStreamResponse::Prompt(logprobs) = event {
+                if let Some(frame) = self.writer.prompt(index, logprobs) {
+                    if !self.tx.send(frame).await {
+                        return;
+                    }
+                }
+                continue;
+            }
             self.metrics.token();
             let frame = match event {
+                InferStreamResponse::Prompt(_) => continue,
                 InferStreamResponse::Intermediate { token, top_tokens } => {
                     if token.special {
                         continue;

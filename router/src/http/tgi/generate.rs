@@ -74,7 +74,7 @@ async fn generate_response(
         prefill_tokens(
             state.validation.encoder().clone(),
             prepared.request.input_ids.clone(),
-            best.generated_text.prompt_logprobs.clone(),
+            best.prompt_logprobs.clone(),
         )
         .await
     } else {

@@ -83,9 +83,14 @@ impl StreamTask {
                 Some(Err(error)) => return self.fail(error).await,
                 None => return self.fail(InferError::IncompleteGeneration).await,
             };
+            if let InferStreamResponse::Prompt(_) = event {
+                // Not asked for: TGI refuses `decoder_input_details` when streaming.
+                continue;
+            }
             index += 1;
             self.metrics.token();
             let (frame, end) = match event {
+                InferStreamResponse::Prompt(_) => continue,
                 InferStreamResponse::Intermediate { token, top_tokens } => (
                     StreamResponse {
                         index,
