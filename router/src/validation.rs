@@ -73,6 +73,8 @@ pub enum ValidationError {
     BestOfStream,
     #[error("`watermark` is not supported")]
     Watermark,
+    #[error("JSON mode (`response_format` `json_object`) ends the output when the object closes: it cannot be combined with `{0}`")]
+    JsonModeWith(&'static str),
     #[error("`decoder_input_details` is not supported when streaming tokens")]
     DecoderInputDetailsStream,
     #[error("{0} is not supported by this server")]
@@ -120,6 +122,8 @@ pub struct GenerateParameters {
     pub ignore_eos: bool,
     /// OpenAI `logit_bias`: token id (as the JSON key string) -> bias.
     pub logit_bias: Vec<(String, f32)>,
+    /// JSON mode: the output is one JSON object.
+    pub json_object: bool,
 }
 
 /// Validates requests against the model's tokenizer and the server's limits.
@@ -199,6 +203,14 @@ impl Validation {
                 given: min_new_tokens,
                 max_new_tokens,
             });
+        }
+        if parameters.json_object {
+            if parameters.ignore_eos {
+                return Err(ValidationError::JsonModeWith("ignore_eos"));
+            }
+            if min_new_tokens > 0 {
+                return Err(ValidationError::JsonModeWith("min_tokens"));
+            }
         }
         Ok(ValidGenerateRequest {
             inputs,
@@ -441,6 +453,7 @@ impl Validation {
             seed: p.seed.unwrap_or_else(rand::random::<u64>),
             top_n_tokens,
             logit_bias,
+            json_object: p.json_object,
         };
         Ok((parameters, CheckedStopping { stop_sequences }))
     }
@@ -816,6 +829,28 @@ pub(crate) mod tests {
         assert_eq!(ok.parameters.logit_bias, vec![(2, -100.0), (3, 100.0)]);
         let none = check(params()).await.unwrap();
         assert!(none.parameters.logit_bias.is_empty());
+    }
+
+    #[tokio::test]
+    async fn json_mode_needs_the_end_of_sequence() {
+        let json = |p: GenerateParameters| GenerateParameters {
+            json_object: true,
+            ..p
+        };
+        assert!(err(json(GenerateParameters {
+            ignore_eos: true,
+            ..params()
+        }))
+        .await
+        .contains("`ignore_eos`"));
+        assert!(err(json(GenerateParameters {
+            min_new_tokens: Some(2),
+            ..params()
+        }))
+        .await
+        .contains("`min_tokens`"));
+        let ok = check(json(params())).await.unwrap();
+        assert!(ok.parameters.json_object);
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 use tessera_model::chat_template::{ChatMessage, ChatTemplate};
@@ -16,6 +17,7 @@ use crate::attention::{plan_decode_groups, AttentionPlan, DecodeGroup, PromptSpa
 use crate::collectives::{Communicator, GroupConfig};
 use crate::cpu_attention::{self, DecodeContexts};
 use crate::error::{EngineError, Result};
+use crate::json_mode::{JsonConstraint, TokenBytes};
 use crate::kv_cache::KvCache;
 use crate::model::{Llama, StepInput};
 use crate::model_files::ModelFiles;
@@ -200,6 +202,8 @@ pub struct Engine {
     tokenizer: Tokenizer,
     special_ids: HashSet<u32>,
     eos_ids: Vec<u32>,
+    /// Each token's bytes, for JSON mode's grammar.
+    token_bytes: Arc<TokenBytes>,
     add_bos: Option<u32>,
     chat_template: Option<ChatTemplate>,
 }
@@ -254,6 +258,7 @@ impl Engine {
             .filter(|(_, t)| t.special)
             .map(|(id, _)| id)
             .collect();
+        let token_bytes = Arc::new(TokenBytes::from_tokenizer(&tokenizer));
         let in_place_attention = config.device == Device::Cpu
             && cpu_attention::supports(config.kind)
             && !config.grouped_decode_attention;
@@ -265,6 +270,7 @@ impl Engine {
             cache,
             tokenizer,
             special_ids,
+            token_bytes,
             eos_ids,
             add_bos,
             chat_template: match &info.chat_template {
@@ -341,6 +347,13 @@ impl Engine {
         if r.stopping.max_new_tokens == 0 {
             return Err(bad("max_new_tokens must be at least 1".into()));
         }
+        if r.sampling.json_object && (r.stopping.ignore_eos || r.stopping.min_new_tokens > 0) {
+            return Err(bad(
+                "JSON mode ends the output when the object is complete: it cannot be combined \
+                 with ignore_eos or min_new_tokens"
+                    .into(),
+            ));
+        }
         if r.prompt_logprobs && r.cached_tokens > 0 {
             return Err(bad(
                 "prompt log-probabilities need the whole prompt computed, not a cached prefix"
@@ -401,7 +414,7 @@ impl Engine {
         let logits = self.model.forward(&mut self.cache, &input)?;
         let (logits, prompt_logprobs) =
             self.split_prompt_logprobs(&requests, &logits.f_narrow(0, 0, prompt_logit_rows)?)?;
-        let mut batch = Self::new_batch(requests);
+        let mut batch = self.new_batch(requests);
         let mut generations = self.sample(&mut batch, &logits)?;
         attach_prompt_logprobs(&mut generations, prompt_logprobs);
         Ok((batch, generations))
@@ -438,7 +451,7 @@ impl Engine {
         let logits = self.model.forward(&mut self.cache, &input)?;
         let (fresh_logits, prompt_logprobs) =
             self.split_prompt_logprobs(&requests, &logits.f_narrow(0, 0, prompt_logit_rows)?)?;
-        let mut batch = Self::new_batch(requests);
+        let mut batch = self.new_batch(requests);
         let mut generations = self.sample(&mut batch, &fresh_logits)?;
         attach_prompt_logprobs(&mut generations, prompt_logprobs);
         let stepped = active.len() as i64;
@@ -552,13 +565,13 @@ impl Engine {
     }
 
     /// The batch of freshly prefilled `requests` (their first tokens not sampled yet).
-    fn new_batch(requests: Vec<GenerateRequest>) -> Batch {
+    fn new_batch(&self, requests: Vec<GenerateRequest>) -> Batch {
         Batch {
             seqs: requests
                 .into_iter()
                 .map(|r| Sequence {
                     id: r.id,
-                    sampler: Sampler::new(r.sampling, &r.prompt),
+                    sampler: self.sampler(r.sampling, &r.prompt),
                     stop: StopChecker::new(r.stopping),
                     decoder: IncrementalDecoder::new(&r.prompt, false),
                     prompt_len: r.prompt.len(),
@@ -568,6 +581,19 @@ impl Engine {
                 })
                 .collect(),
         }
+    }
+
+    /// A sequence's sampler, with JSON mode's grammar when its parameters ask for it.
+    fn sampler(&self, params: SamplingParams, prompt: &[u32]) -> Sampler {
+        let json = params.json_object;
+        let mut sampler = Sampler::new(params, prompt);
+        if json {
+            sampler.constrain(JsonConstraint::new(
+                self.token_bytes.clone(),
+                self.eos_ids.clone(),
+            ));
+        }
+        sampler
     }
 
     /// The f32 logits after `prompt` (its last position), from a prefill pass that

@@ -13,6 +13,7 @@ pub mod device;
 pub mod element;
 pub mod engine;
 pub mod error;
+pub mod json_mode;
 pub mod kv_cache;
 pub mod linear;
 pub mod memory;

@@ -31,6 +31,8 @@ use std::collections::HashMap;
 
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+use crate::json_mode::JsonConstraint;
 use serde::{Deserialize, Serialize};
 
 /// The largest accepted `top_n_tokens`.
@@ -73,6 +75,10 @@ pub struct SamplingParams {
     /// practice, 100 makes it the only choice). Ids past the vocabulary are
     /// ignored.
     pub logit_bias: Vec<(u32, f32)>,
+    /// JSON mode: the output is one JSON object (tokens that cannot continue it are
+    /// masked; see [`crate::json_mode`]). The engine gives the sampler its
+    /// constraint ([`Sampler::constrain`]).
+    pub json_object: bool,
 }
 
 impl Default for SamplingParams {
@@ -91,6 +97,7 @@ impl Default for SamplingParams {
             seed: None,
             top_n_tokens: 0,
             logit_bias: Vec::new(),
+            json_object: false,
         }
     }
 }
@@ -222,6 +229,8 @@ pub struct Sampler {
     /// `logit_bias` with its ids sorted and unique (the last bias given for
     /// an id wins) and non-finite or zero biases dropped.
     bias: Vec<(u32, f32)>,
+    /// JSON mode's grammar state, advanced with every recorded token.
+    json: Option<JsonConstraint>,
     /// `(token, generated count)` for every token of the prompt or the
     /// generation (prompt-only tokens have count 0). Only kept when a
     /// penalty is active.
@@ -261,6 +270,7 @@ impl Sampler {
             greedy,
             penalties_on,
             bias,
+            json: None,
             seen: Vec::new(),
             seen_index: HashMap::new(),
             generated: 0,
@@ -275,6 +285,11 @@ impl Sampler {
             }
         }
         sampler
+    }
+
+    /// Restricts every choice to what `constraint` allows (JSON mode).
+    pub fn constrain(&mut self, constraint: JsonConstraint) {
+        self.json = Some(constraint);
     }
 
     /// The effective seed (the request's, or the random one picked for it).
@@ -306,6 +321,9 @@ impl Sampler {
     /// returns; call it yourself only for tokens generated another way.
     pub fn record_generated(&mut self, token: u32) {
         self.generated += 1;
+        if let Some(json) = &mut self.json {
+            json.advance(token);
+        }
         if self.penalties_on {
             let idx = self.entry(token);
             if let Some(e) = self.seen.get_mut(idx) {
@@ -390,6 +408,15 @@ impl Sampler {
         if !self.bias.is_empty() {
             self.apply_bias(logits);
         }
+        // The grammar last: a masked token is never chosen, so its raw logit need not
+        // be kept.
+        let masked = match &mut self.json {
+            Some(json) => {
+                json.mask(logits);
+                true
+            }
+            None => false,
+        };
         let raw_logit = |saved: &[(u32, f32)], logits: &[f32], id: u32| -> f32 {
             saved
                 .iter()
@@ -400,7 +427,7 @@ impl Sampler {
         };
 
         // 3. Choose.
-        let (pen_max, pen_argmax) = if self.saved.is_empty() {
+        let (pen_max, pen_argmax) = if self.saved.is_empty() && !masked {
             (raw_max, raw_argmax)
         } else {
             let m = max_of(logits);
@@ -1492,6 +1519,62 @@ mod tests {
         assert_eq!(s.saved, vec![(1, 1.4)]);
         // Id 7 is past the vocabulary and ignored.
         assert_eq!(s.bias, vec![(1, 0.5), (7, 5.0)]);
+    }
+
+    /// JSON mode: sampling hot from random logits over a small vocabulary still
+    /// writes one JSON object and then the end of sequence, whatever the seed.
+    #[test]
+    fn json_mode_samples_only_json_objects() {
+        use crate::json_mode::{JsonConstraint, TokenBytes};
+        use std::sync::Arc;
+        let pieces = [
+            "{", "}", "[", "]", "\"", ":", ",", " ", "a", "bc", "1", "2.5", "-", "true", "null",
+            "\":", "\"}", "]}", "{\"", "x\\n", "e3",
+        ];
+        let eos = pieces.len() as u32;
+        let vocab = Arc::new(TokenBytes::from_pieces(
+            pieces
+                .iter()
+                .map(|p| Some(p.as_bytes().to_vec()))
+                .chain([None])
+                .collect(),
+        ));
+        let mut complete = 0;
+        for seed in 0..30u64 {
+            let mut s = Sampler::new(
+                SamplingParams {
+                    temperature: 1.5,
+                    json_object: true,
+                    ..sampling(seed)
+                },
+                &[],
+            );
+            s.constrain(JsonConstraint::new(vocab.clone(), vec![eos]));
+            let mut noise = ChaCha8Rng::seed_from_u64(1000 + seed);
+            let mut text = Vec::new();
+            let mut ended = false;
+            for _ in 0..400 {
+                let mut row: Vec<f32> = (0..=eos).map(|_| noise.random_range(-3.0..3.0)).collect();
+                let tok = s.sample(&mut row);
+                if tok.id == eos {
+                    ended = true;
+                    break;
+                }
+                text.extend_from_slice(pieces[tok.id as usize].as_bytes());
+            }
+            let text = String::from_utf8(text).unwrap();
+            if ended {
+                let value: serde_json::Value = serde_json::from_str(&text)
+                    .unwrap_or_else(|e| panic!("seed {seed}: {text:?}: {e}"));
+                assert!(value.is_object(), "seed {seed}: {text}");
+                complete += 1;
+            } else {
+                // Cut by the step limit: still a prefix of a JSON object.
+                let mut m = crate::json_mode::JsonMachine::new();
+                assert!(m.feed(text.as_bytes()), "seed {seed}: {text}");
+            }
+        }
+        assert!(complete >= 10, "only {complete} of 30 objects closed");
     }
 
     #[test]

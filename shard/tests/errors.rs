@@ -104,6 +104,9 @@ fn bad_requests_are_rejected_before_running() {
     scored_after_cache.prompt_logprobs = true;
     let mut bad_bias = greedy_request(&engine, &mut blocks, 7, vec![3], 4);
     bad_bias.sampling.logit_bias = vec![(3, 250.0)];
+    // greedy_request sets ignore_eos.
+    let mut endless_json = greedy_request(&engine, &mut blocks, 8, vec![3], 4);
+    endless_json.sampling.json_object = true;
 
     for (request, needle) in [
         (empty, "no tokens"),
@@ -113,6 +116,7 @@ fn bad_requests_are_rejected_before_running() {
         (all_cached, "leave nothing to compute"),
         (scored_after_cache, "prompt log-probabilities"),
         (bad_bias, "logit_bias"),
+        (endless_json, "JSON mode"),
     ] {
         let id = request.id;
         match engine.prefill(vec![request]) {

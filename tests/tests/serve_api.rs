@@ -386,6 +386,91 @@ fn prompt_tokens_are_scored_like_the_tokens_generated() {
         .contains("decoder_input_details"));
 }
 
+/// JSON mode (`response_format: {"type": "json_object"}`): every answer that ends
+/// by itself is one JSON object, greedy or sampled, streamed or not.
+#[test]
+fn json_mode_answers_are_json_objects() {
+    let server = SERVER.lock();
+    let http = &server.http;
+    let ask = |content: &str, extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": content}],
+            "max_tokens": 160, "response_format": {"type": "json_object"}});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let check = |answer: &str, finish: &str, what: &str| -> bool {
+        if finish != "stop" {
+            return false;
+        }
+        let value: Value = serde_json::from_str(answer)
+            .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {answer:?}"));
+        assert!(value.is_object(), "{what}: {answer}");
+        true
+    };
+    let mut closed = 0;
+    for (i, question) in [
+        "Describe a cat with a name and an age.",
+        "List three fruits.",
+        "What is the capital of France?",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let greedy = http.ok_json(
+            "/v1/chat/completions",
+            &ask(question, json!({"temperature": 0})),
+        );
+        let choice = &greedy["choices"][0];
+        let text = choice["message"]["content"].as_str().unwrap();
+        closed += check(text, choice["finish_reason"].as_str().unwrap(), question) as usize;
+        // Streamed, the same answer.
+        let events = http
+            .stream(
+                "/v1/chat/completions",
+                &ask(question, json!({"temperature": 0, "stream": true})),
+            )
+            .collect();
+        let streamed: String = openai_chunks(events)
+            .iter()
+            .filter_map(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(String::from)
+            })
+            .collect();
+        assert_eq!(streamed, text, "{question}: streamed");
+        // Sampled.
+        let sampled = http.ok_json(
+            "/v1/chat/completions",
+            &ask(question, json!({"temperature": 1.0, "seed": i, "n": 2})),
+        );
+        for choice in sampled["choices"].as_array().unwrap() {
+            let text = choice["message"]["content"].as_str().unwrap();
+            closed += check(text, choice["finish_reason"].as_str().unwrap(), question) as usize;
+        }
+    }
+    assert!(
+        closed >= 5,
+        "only {closed} of 9 answers closed their object"
+    );
+    // TGI's grammar for any JSON object is the same mode.
+    let tgi = http.ok_json(
+        "/generate",
+        &json!({"inputs": concat!(
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by ",
+            "Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?",
+            "<|im_end|>\n<|im_start|>assistant\n"),
+            "parameters": {"max_new_tokens": 160, "details": true,
+                "grammar": {"type": "json", "value": {"type": "object"}}}}),
+    );
+    assert_eq!(tgi["details"]["finish_reason"], "eos_token", "{tgi}");
+    let text = tgi["generated_text"].as_str().unwrap();
+    let value: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+    assert!(value.is_object(), "{text}");
+}
+
 /// 32 greedy requests of different prompt lengths and budgets.
 fn mixed_requests() -> Vec<Value> {
     let cases = cases();

@@ -145,10 +145,15 @@ fn invalid_requests_get_422_with_the_error_json() {
             json!({"prompt": "Hi", "suffix": "end"}),
             "suffix",
         ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"response_format": {"type": "json_object"}, "ignore_eos": true})),
+            "ignore_eos",
+        ),
         // Asked-for behaviour the server does not have is refused, not ignored.
         (
             "/v1/chat/completions",
-            chat(json!({"response_format": {"type": "json_object"}})),
+            chat(json!({"response_format": {"type": "json_schema", "json_schema": {}}})),
             "response_format",
         ),
         (

@@ -346,6 +346,7 @@ impl BatchingTask {
                     seed: p.seed,
                     top_n_tokens: p.top_n_tokens,
                     logit_bias: p.logit_bias.iter().copied().collect(),
+                    json_object: p.json_object,
                 }),
                 stopping: Some(pb::StoppingParameters {
                     max_new_tokens: r.stopping.max_new_tokens,

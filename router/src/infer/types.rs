@@ -21,6 +21,8 @@ pub struct ValidParameters {
     pub top_n_tokens: u32,
     /// OpenAI `logit_bias`: `(token id, bias)`, ids in the vocabulary.
     pub logit_bias: Vec<(u32, f32)>,
+    /// JSON mode (`response_format: {"type": "json_object"}`).
+    pub json_object: bool,
 }
 
 impl Default for ValidParameters {
@@ -38,6 +40,7 @@ impl Default for ValidParameters {
             seed: 0,
             top_n_tokens: 0,
             logit_bias: Vec::new(),
+            json_object: false,
         }
     }
 }

@@ -30,6 +30,7 @@ pub fn request(r: pb::Request, eos_token_ids: &[u32]) -> GenerateRequest {
             seed: Some(sampling.seed),
             top_n_tokens: sampling.top_n_tokens,
             logit_bias: sampling.logit_bias.into_iter().collect(),
+            json_object: sampling.json_object,
         },
         stopping: StoppingCriteria {
             max_new_tokens: stopping.max_new_tokens,
@@ -113,6 +114,7 @@ mod tests {
                 seed: 42,
                 top_n_tokens: 2,
                 logit_bias: [(9, -100.0)].into_iter().collect(),
+                json_object: true,
             }),
             stopping: Some(pb::StoppingParameters {
                 max_new_tokens: 9,
@@ -134,6 +136,7 @@ mod tests {
         assert_eq!(g.sampling.top_k, 4);
         assert_eq!(g.sampling.top_n_tokens, 2);
         assert_eq!(g.sampling.logit_bias, vec![(9, -100.0)]);
+        assert!(g.sampling.json_object);
         assert!(g.sampling.do_sample);
         assert_eq!(g.stopping.eos_token_ids, vec![0, 2]);
         assert_eq!(g.stopping.min_new_tokens, 2);

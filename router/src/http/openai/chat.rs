@@ -87,16 +87,18 @@ async fn chat(
     metrics: &mut RequestMetrics,
 ) -> Result<Response, ApiError> {
     body.check_supported()?;
+    let json_mode = body.json_mode();
     let n = state.validation.check_count("n", body.sampling.n)?;
     let messages = chat_messages(body.messages)?;
     let prompt = state.validation.apply_chat_template(messages).await?;
     let logprobs = body.logprobs.unwrap_or(false);
     let top_n = logprobs.then(|| body.top_logprobs.unwrap_or(0));
-    let parameters = generate_parameters(
+    let mut parameters = generate_parameters(
         &body.sampling,
         body.max_completion_tokens.or(body.max_tokens),
         top_n,
     );
+    parameters.json_object = json_mode;
     let stops = parameters.stop.clone();
     let request = state.validation.validate(prompt, parameters).await?;
     metrics.validated();

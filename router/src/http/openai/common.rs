@@ -51,6 +51,7 @@ pub fn generate_parameters(
             .flatten()
             .map(|(k, v)| (k.clone(), *v))
             .collect(),
+        json_object: false,
     }
 }
 

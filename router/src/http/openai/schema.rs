@@ -100,7 +100,8 @@ pub struct ChatCompletionRequest {
     /// Alternatives per token (with `logprobs`).
     #[serde(default)]
     pub top_logprobs: Option<u32>,
-    /// Only `{"type": "text"}` is supported (no JSON mode).
+    /// `{"type": "text"}` (the default) or `{"type": "json_object"}` (JSON mode: the
+    /// answer is one JSON object); `json_schema` is not supported.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub response_format: Option<serde_json::Value>,
@@ -117,16 +118,25 @@ pub struct ChatCompletionRequest {
 }
 
 impl ChatCompletionRequest {
+    /// Whether the answer must be one JSON object (`response_format` `json_object`).
+    pub fn json_mode(&self) -> bool {
+        self.response_format
+            .as_ref()
+            .and_then(|f| f.get("type"))
+            .and_then(|t| t.as_str())
+            == Some("json_object")
+    }
+
     /// Refuses the fields that ask for what this server does not do (JSON
-    /// mode, function calling), rather than ignoring them silently.
+    /// schemas, function calling), rather than ignoring them silently.
     pub fn check_supported(&self) -> Result<(), crate::validation::ValidationError> {
         use crate::validation::ValidationError::Unsupported;
         if let Some(format) = &self.response_format {
             let kind = format.get("type").and_then(|t| t.as_str());
-            if !(format.is_null() || kind == Some("text")) {
+            if !(format.is_null() || matches!(kind, Some("text" | "json_object"))) {
                 let kind = kind.unwrap_or("(none)");
                 return Err(Unsupported(format!(
-                    "`response_format` of type `{kind}` (only `text`; no constrained decoding)"
+                    "`response_format` of type `{kind}` (`text` and `json_object` are)"
                 )));
             }
         }
@@ -379,7 +389,7 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn json_mode_and_function_calling_are_refused_not_ignored() {
+    fn json_schemas_and_function_calling_are_refused_not_ignored() {
         let check = |extra: serde_json::Value| {
             let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
             for (k, v) in extra.as_object().unwrap() {
@@ -394,6 +404,7 @@ mod tests {
         for fine in [
             json!({}),
             json!({"response_format": {"type": "text"}}),
+            json!({"response_format": {"type": "json_object"}}),
             json!({"response_format": null, "tools": null, "tool_choice": null}),
             json!({"tools": []}),
             json!({"tool_choice": "auto"}),
@@ -402,10 +413,6 @@ mod tests {
             assert_eq!(check(fine.clone()), Ok(()), "{fine}");
         }
         for (refused, names) in [
-            (
-                json!({"response_format": {"type": "json_object"}}),
-                "`json_object`",
-            ),
             (
                 json!({"response_format": {"type": "json_schema", "json_schema": {}}}),
                 "`json_schema`",

@@ -50,7 +50,8 @@ pub struct TgiParameters {
     /// Not supported: must be false.
     pub watermark: bool,
     pub ignore_eos: bool,
-    /// Not supported (constrained decoding): must be absent or null.
+    /// Only `{"type": "json", "value": {"type": "object"}}` (any JSON object, as
+    /// OpenAI's JSON mode); other grammars and schemas are refused.
     #[schema(value_type = Option<Object>)]
     pub grammar: Option<serde_json::Value>,
 }
@@ -75,6 +76,7 @@ impl TgiParameters {
             truncate: self.truncate,
             ignore_eos: self.ignore_eos,
             logit_bias: Vec::new(),
+            json_object: false,
         }
     }
 }
