@@ -318,15 +318,19 @@ mod tests {
         serde_json::from_str(text.strip_prefix("data: ").unwrap().trim_end()).unwrap()
     }
 
+    fn test_meta() -> ResponseMeta {
+        ResponseMeta {
+            id: "cmpl-x".into(),
+            created: 1,
+            model: "m".into(),
+            system_fingerprint: "fp".into(),
+        }
+    }
+
     #[test]
     fn chunk_frames_with_echo() {
         let mut w = CompletionChunkWriter {
-            meta: ResponseMeta {
-                id: "cmpl-x".into(),
-                created: 1,
-                model: "m".into(),
-                system_fingerprint: "fp".into(),
-            },
+            meta: test_meta(),
             logprobs: false,
             echoes: HashMap::from([(0, "Say".to_string())]),
             prompt_ids: HashMap::new(),
@@ -353,12 +357,7 @@ mod tests {
         assert_eq!(ids.len(), 3);
         let text = encoder.decode(&ids, false).unwrap();
         let mut w = CompletionChunkWriter {
-            meta: ResponseMeta {
-                id: "cmpl-x".into(),
-                created: 1,
-                model: "m".into(),
-                system_fingerprint: "fp".into(),
-            },
+            meta: test_meta(),
             logprobs: true,
             echoes: HashMap::from([(0, text.clone())]),
             prompt_ids: HashMap::from([(0, ids.clone())]),
