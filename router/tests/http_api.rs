@@ -592,6 +592,17 @@ async fn probes_info_models_tokenize_docs() {
     let models = json_of(&get(&s.app, "/v1/models").await.2);
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], "smollm2-test");
+    let (status, _, body) = get(&s.app, "/v1/models/smollm2-test").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json_of(&body)["id"], "smollm2-test");
+    assert_eq!(json_of(&body)["object"], "model");
+    let (status, _, body) = get(&s.app, "/v1/models/org/gpt-4").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(json_of(&body)["error_type"], "not_found");
+    assert!(
+        body.contains("org/gpt-4") && body.contains("smollm2-test"),
+        "{body}"
+    );
     let (status, _, body) = post(&s.app, "/tokenize", json!({"inputs": "Hello world"})).await;
     assert_eq!(status, StatusCode::OK);
     let tokens = json_of(&body);

@@ -17,6 +17,7 @@ def main() -> None:
     client = openai.OpenAI(base_url=sys.argv[1], api_key="unused", timeout=120, max_retries=0)
     models = [m.id for m in client.models.list()]
     assert models, "no models listed"
+    assert client.models.retrieve(models[0]).id == models[0]
     messages = [{"role": "user", "content": "What is the capital of France?"}]
 
     answer = client.chat.completions.create(

@@ -56,6 +56,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
+        // `{*model}`: ids such as `org/name` span two segments.
+        .route("/v1/models/{*model}", get(openai::model))
         .route("/info", get(info::info))
         .route("/health", get(info::health))
         .route("/metrics", get(info::metrics))

@@ -9,4 +9,4 @@ mod stream;
 
 pub use chat::{__path_chat_completions, chat_completions};
 pub use completions::{__path_completions, completions};
-pub use models::{__path_models, models};
+pub use models::{__path_model, __path_models, model, models};
