@@ -772,20 +772,21 @@ impl Engine {
                     values
                         .iter()
                         .zip(ids)
-                        .map(|(&logprob, &id)| {
-                            let id = id as u32;
-                            TopToken {
-                                id,
-                                logprob,
-                                text: self.token_text(id),
-                                special: self.special_ids.contains(&id),
-                            }
-                        })
+                        .map(|(&logprob, &id)| self.top_token(id as u32, logprob))
                         .collect()
                 })
                 .collect();
         }
         Ok(PromptLogprobs { logprobs, top })
+    }
+
+    fn top_token(&self, id: u32, logprob: f32) -> TopToken {
+        TopToken {
+            id,
+            logprob,
+            text: self.token_text(id),
+            special: self.special_ids.contains(&id),
+        }
     }
 
     fn token_text(&self, id: u32) -> String {
@@ -883,12 +884,7 @@ impl Engine {
                 top_tokens: sampled
                     .top
                     .iter()
-                    .map(|&(id, logprob)| TopToken {
-                        id,
-                        logprob,
-                        text: self.token_text(id),
-                        special: self.special_ids.contains(&id),
-                    })
+                    .map(|&(id, logprob)| self.top_token(id, logprob))
                     .collect(),
                 finish_reason: finish,
                 prompt_logprobs: None,

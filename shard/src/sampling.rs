@@ -31,9 +31,9 @@ use std::collections::HashMap;
 
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::json_mode::JsonConstraint;
-use serde::{Deserialize, Serialize};
 
 /// The largest accepted `top_n_tokens`.
 pub const MAX_TOP_N_TOKENS: u32 = 20;

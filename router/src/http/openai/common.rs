@@ -101,6 +101,11 @@ pub fn chat_logprob((token, top): &TokenWithTop) -> ChatTokenLogprob {
     }
 }
 
+/// Alternatives as completion logprobs show them: text -> logprob.
+fn top_map(top: &[Token]) -> BTreeMap<String, f32> {
+    top.iter().map(|t| (t.text.clone(), t.logprob)).collect()
+}
+
 /// Appends tokens to completion logprobs; `offset` is the byte offset of the
 /// first one in the choice's text and is advanced past them.
 pub fn extend_completion_logprobs(
@@ -111,11 +116,7 @@ pub fn extend_completion_logprobs(
     for (token, top) in tokens {
         logprobs.tokens.push(token.text.clone());
         logprobs.token_logprobs.push(Some(token.logprob));
-        logprobs.top_logprobs.push(Some(
-            top.iter()
-                .map(|t| (t.text.clone(), t.logprob))
-                .collect::<BTreeMap<_, _>>(),
-        ));
+        logprobs.top_logprobs.push(Some(top_map(top)));
         logprobs.text_offset.push(*offset);
         *offset += token.text.len();
     }
@@ -136,17 +137,8 @@ pub fn prompt_completion_logprobs(
         let at = i.checked_sub(1);
         lp.token_logprobs
             .push(at.and_then(|j| prompt.logprobs.get(j).copied()));
-        lp.top_logprobs.push(at.map(|j| {
-            prompt
-                .top
-                .get(j)
-                .map(|top| {
-                    top.iter()
-                        .map(|t| (t.text.clone(), t.logprob))
-                        .collect::<BTreeMap<_, _>>()
-                })
-                .unwrap_or_default()
-        }));
+        lp.top_logprobs
+            .push(at.map(|j| prompt.top.get(j).map(|t| top_map(t)).unwrap_or_default()));
         lp.text_offset.push(offset);
         offset += text.len();
         lp.tokens.push(text);

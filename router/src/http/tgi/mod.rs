@@ -16,7 +16,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::JsonBody;
 use super::AppState;
 use crate::infer::ValidGenerateRequest;
-use schema::{GenerateRequest, GenerateResponse, StreamResponse};
+use schema::{is_any_json_object, GenerateRequest, GenerateResponse, StreamResponse};
 
 /// TGI's compatibility route: `/generate`, or `/generate_stream` when `stream` is true.
 #[utoipa::path(
@@ -67,21 +67,19 @@ pub(crate) async fn prepare(
     if parameters.watermark {
         return Err(crate::validation::ValidationError::Watermark.into());
     }
-    let json_object =
-        match &parameters.grammar {
-            None | Some(serde_json::Value::Null) => false,
-            Some(grammar) if is_any_json_object(grammar) => true,
-            Some(_) => return Err(crate::validation::ValidationError::Unsupported(
+    if let Some(grammar) = &parameters.grammar {
+        if !grammar.is_null() && !is_any_json_object(grammar) {
+            return Err(crate::validation::ValidationError::Unsupported(
                 "`grammar` other than `{\"type\": \"json\", \"value\": {\"type\": \"object\"}}`"
                     .into(),
             )
-            .into()),
-        };
+            .into());
+        }
+    }
     if stream && parameters.decoder_input_details {
         return Err(crate::validation::ValidationError::DecoderInputDetailsStream.into());
     }
-    let mut generic = parameters.to_generate_parameters();
-    generic.json_object = json_object;
+    let generic = parameters.to_generate_parameters();
     let best_of = state
         .validation
         .validate_best_of(parameters.best_of, &generic, stream)?;
@@ -98,13 +96,6 @@ pub(crate) async fn prepare(
         decoder_input_details: parameters.decoder_input_details,
         prefix,
     })
-}
-
-/// Whether a TGI grammar asks for any JSON object: type `json` with the schema
-/// `{"type": "object"}`.
-fn is_any_json_object(grammar: &serde_json::Value) -> bool {
-    grammar.get("type").and_then(|t| t.as_str()) == Some("json")
-        && grammar.get("value") == Some(&serde_json::json!({"type": "object"}))
 }
 
 /// `prefix` (the prompt, with `return_full_text`) followed by `text`.

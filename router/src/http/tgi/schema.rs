@@ -56,6 +56,13 @@ pub struct TgiParameters {
     pub grammar: Option<serde_json::Value>,
 }
 
+/// Whether a TGI grammar asks for any JSON object (JSON mode): type `json` with the
+/// schema `{"type": "object"}`.
+pub fn is_any_json_object(grammar: &serde_json::Value) -> bool {
+    grammar.get("type").and_then(|t| t.as_str()) == Some("json")
+        && grammar.get("value") == Some(&serde_json::json!({"type": "object"}))
+}
+
 impl TgiParameters {
     pub fn to_generate_parameters(&self) -> GenerateParameters {
         GenerateParameters {
@@ -76,7 +83,7 @@ impl TgiParameters {
             truncate: self.truncate,
             ignore_eos: self.ignore_eos,
             logit_bias: Vec::new(),
-            json_object: false,
+            json_object: self.grammar.as_ref().is_some_and(is_any_json_object),
         }
     }
 }
