@@ -273,6 +273,7 @@ fn request(
         block_table,
         cached_tokens: 0,
         prompt_logprobs: false,
+        prefill_only: false,
     })
 }
 

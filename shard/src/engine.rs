@@ -79,6 +79,12 @@ pub struct GenerateRequest {
     /// the tokens before it (TGI's `decoder_input_details`, OpenAI's `echo` with
     /// `logprobs`). Needs the whole prompt computed: `cached_tokens` must be 0.
     pub prompt_logprobs: bool,
+    /// One chunk of a chunked prefill: write the keys and values of
+    /// `prompt[cached_tokens..]` into the block table and nothing else (no logits, no
+    /// token, no sequence kept). A later request with the same blocks continues with
+    /// `cached_tokens` at this chunk's end. The block table needs only the prompt's
+    /// positions.
+    pub prefill_only: bool,
 }
 
 /// The model's log-probabilities of a prompt's tokens 1.., each given the tokens
@@ -344,6 +350,13 @@ impl Engine {
                 "token id {t} is outside the vocabulary (size {vocab})"
             )));
         }
+        if r.prefill_only && r.prompt_logprobs {
+            return Err(bad(
+                "a prefill-only chunk returns no log-probabilities; ask for them with the \
+                 whole prompt"
+                    .into(),
+            ));
+        }
         if r.stopping.max_new_tokens == 0 {
             return Err(bad("max_new_tokens must be at least 1".into()));
         }
@@ -367,7 +380,11 @@ impl Engine {
                 r.prompt.len()
             )));
         }
-        let positions = r.prompt.len() + r.stopping.max_new_tokens as usize - 1;
+        let positions = if r.prefill_only {
+            r.prompt.len()
+        } else {
+            r.prompt.len() + r.stopping.max_new_tokens as usize - 1
+        };
         let capacity = r.block_table.len() * self.cache.block_size();
         if capacity < positions {
             return Err(bad(format!(
@@ -408,7 +425,7 @@ impl Engine {
             self.check_request(r)?;
         }
         let mut rows = Rows::default();
-        let spans = self.prompt_rows(&requests, &mut rows)?;
+        let (requests, spans) = self.prompt_rows(requests, &mut rows)?;
         let prompt_logit_rows = rows.last.len() as i64;
         let input = self.step_input(rows, AttentionPlan::Prefill(spans))?;
         let logits = self.model.forward(&mut self.cache, &input)?;
@@ -431,16 +448,21 @@ impl Engine {
         requests: Vec<GenerateRequest>,
         running: &mut Batch,
     ) -> Result<(Batch, Vec<Generation>, Vec<Generation>)> {
+        if running.seqs.iter().all(|s| s.finished.is_some()) {
+            let (batch, generations) = self.prefill(requests)?;
+            return Ok((batch, generations, Vec::new()));
+        }
         for r in &requests {
             self.check_request(r)?;
         }
         let mut rows = Rows::default();
-        let spans = self.prompt_rows(&requests, &mut rows)?;
+        let (requests, spans) = self.prompt_rows(requests, &mut rows)?;
         let decode_from = rows.tokens.len() as i64;
         let prompt_logit_rows = rows.last.len() as i64;
         let Some((active, decode)) = self.decode_rows(running, &mut rows)? else {
-            let (batch, generations) = self.prefill(requests)?;
-            return Ok((batch, generations, Vec::new()));
+            return Err(EngineError::Batch(
+                "the running batch has no unfinished sequence to decode".into(),
+            ));
         };
         let attention = AttentionPlan::Mixed {
             prefill: spans,
@@ -464,20 +486,23 @@ impl Engine {
         Ok((batch, generations, advanced))
     }
 
-    /// Appends the rows of `requests`' prompts, past their cached prefixes; returns
-    /// each prompt's span of rows.
+    /// Appends the rows of `requests`' prompts, past their cached prefixes: first the
+    /// prefill-only chunks (which need no logits), then the prompts that start a
+    /// sequence. Returns those requests, in row order, and each prompt's span of rows.
     fn prompt_rows(
         &self,
-        requests: &[GenerateRequest],
+        requests: Vec<GenerateRequest>,
         rows: &mut Rows,
-    ) -> Result<Vec<PromptSpan>> {
+    ) -> Result<(Vec<GenerateRequest>, Vec<PromptSpan>)> {
         let total: usize = requests
             .iter()
             .map(|r| r.prompt.len() - r.cached_tokens)
             .sum();
         rows.reserve(total);
-        let mut spans = Vec::with_capacity(requests.len());
-        for r in requests {
+        let (chunks, requests): (Vec<_>, Vec<_>) =
+            requests.into_iter().partition(|r| r.prefill_only);
+        let mut spans = Vec::with_capacity(chunks.len() + requests.len());
+        for r in chunks.iter().chain(&requests) {
             let cached = r.cached_tokens;
             let prefix = if cached == 0 {
                 None
@@ -501,11 +526,11 @@ impl Engine {
                 rows.positions.push(pos as i64);
                 rows.slots.push(self.slot(r.id, &r.block_table, pos)?);
             }
-            if !r.prompt_logprobs {
+            if !r.prompt_logprobs && !r.prefill_only {
                 rows.last.push(rows.tokens.len() as i64 - 1);
             }
         }
-        Ok(spans)
+        Ok((requests, spans))
     }
 
     /// Appends one row per unfinished sequence of `batch` (its newest token), shortest
@@ -611,6 +636,7 @@ impl Engine {
             block_table: block_table.to_vec(),
             cached_tokens: 0,
             prompt_logprobs: false,
+            prefill_only: false,
         };
         self.check_request(&request)?;
         let n = prompt.len() as i64;

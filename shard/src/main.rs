@@ -95,6 +95,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         block_table,
         cached_tokens: 0,
         prompt_logprobs: false,
+        prefill_only: false,
     };
     let mut out = std::io::stdout().lock();
     let (mut batch, mut generations) = engine.prefill(vec![request])?;

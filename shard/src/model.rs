@@ -345,6 +345,13 @@ impl Llama {
             hidden = hidden.f_add(&self.reduce(layer.down.forward(&act)?)?)?;
             mark("down_proj");
         }
+        if input.last_index.numel() == 0 {
+            // Only prefill-only chunks: their keys and values are written, no logits wanted.
+            return Ok(Tensor::f_zeros(
+                [0, self.config.vocab_size as i64],
+                (Kind::Float, self.device),
+            )?);
+        }
         let last = hidden.f_index_select(0, &input.last_index)?;
         let last = self.rms_norm(&last, &self.norm)?;
         let logits = self.lm_head.forward_f32(&last)?;

@@ -462,3 +462,84 @@ fn prompt_logprobs_equal_each_prefix_scored_alone() {
         .collect();
     assert_eq!((g[&5], g[&6]), (solo[1], plain_solo[1]));
 }
+
+/// Chunked prefill: a prompt whose keys and values are written by prefill-only chunks
+/// (alone, beside a prompt that starts a sequence, and inside a running batch's decode
+/// step, at boundaries that do not fall on KV blocks), then finished by an ordinary
+/// request that continues from the last chunk, gets exactly the tokens of the prompt
+/// prefilled whole; the requests around the chunks get their own solo tokens.
+#[test]
+fn a_prompt_prefilled_in_chunks_equals_the_prompt_whole() {
+    for grouped in [false, true] {
+        let mut engine = f32_engine(grouped);
+        let mut blocks = allocator(&engine);
+        let new_tokens = 10u32;
+        let prompt = engine.encode(&PROMPTS.join(" ")).unwrap();
+        let other = engine.encode(PROMPTS[3]).unwrap();
+        let ends = [7usize, 23, 41];
+        assert!(prompt.len() > ends[2] + 1, "{} prompt tokens", prompt.len());
+
+        let r = greedy_request(&engine, &mut blocks, 100, prompt.clone(), new_tokens);
+        let table = r.block_table.clone();
+        let alone = run_alone(&mut engine, r);
+        blocks.release(table);
+        let r = greedy_request(&engine, &mut blocks, 101, other.clone(), new_tokens);
+        let table = r.block_table.clone();
+        let other_alone = run_alone(&mut engine, r);
+        blocks.release(table);
+
+        let whole = greedy_request(&engine, &mut blocks, 1, prompt.clone(), new_tokens);
+        let chunk = |start: usize, end: usize| {
+            let mut c = whole.clone();
+            c.prompt.truncate(end);
+            c.cached_tokens = start;
+            c.prefill_only = true;
+            c
+        };
+        // The first chunk alone: nothing comes back and nothing is kept.
+        let (batch, generations) = engine.prefill(vec![chunk(0, ends[0])]).unwrap();
+        assert!(batch.is_empty() && generations.is_empty());
+        // The second beside a prompt that starts its sequence.
+        let starter = greedy_request(&engine, &mut blocks, 2, other.clone(), new_tokens);
+        let (mut running, generations) = engine
+            .prefill(vec![chunk(ends[0], ends[1]), starter])
+            .unwrap();
+        assert_eq!(running.ids(), vec![2]);
+        let mut other_tokens: Vec<u32> = generations.iter().map(|g| g.token_id).collect();
+        // The third inside that sequence's decode step.
+        let (fresh, generations, advanced) = engine
+            .prefill_and_decode(vec![chunk(ends[1], ends[2])], &mut running)
+            .unwrap();
+        assert!(fresh.is_empty() && generations.is_empty());
+        other_tokens.extend(advanced.iter().map(|g| g.token_id));
+        // The rest as an ordinary request that continues from the chunks.
+        let mut last = whole.clone();
+        last.cached_tokens = ends[2];
+        let (mut batch, first) = engine.prefill(vec![last]).unwrap();
+        let mut tokens: Vec<u32> = first.iter().map(|g| g.token_id).collect();
+        batch.merge(running);
+        while !batch.is_empty() {
+            for g in engine.decode(&mut batch).unwrap() {
+                match g.request_id {
+                    1 => tokens.push(g.token_id),
+                    _ => other_tokens.push(g.token_id),
+                }
+            }
+            batch.remove_finished();
+        }
+        assert_eq!(tokens, alone, "chunked prompt, grouped {grouped}");
+        assert_eq!(
+            other_tokens, other_alone,
+            "its neighbour, grouped {grouped}"
+        );
+
+        // A chunk cannot return prompt log-probabilities.
+        let mut scored = chunk(0, ends[0]);
+        scored.prompt_logprobs = true;
+        let Err(error) = engine.prefill(vec![scored]) else {
+            panic!("a chunk asking for prompt log-probabilities was accepted");
+        };
+        let error = error.to_string();
+        assert!(error.contains("prefill-only"), "{error}");
+    }
+}

@@ -17,6 +17,7 @@ pub fn request(r: pb::Request, eos_token_ids: &[u32]) -> GenerateRequest {
         prompt: r.input_ids,
         cached_tokens: r.cached_tokens as usize,
         prompt_logprobs: r.prompt_logprobs,
+        prefill_only: r.prefill_only,
         sampling: SamplingParams {
             temperature: sampling.temperature,
             do_sample: sampling.do_sample,
@@ -125,6 +126,7 @@ mod tests {
             blocks: vec![5, 6],
             cached_tokens: 2,
             prompt_logprobs: true,
+            prefill_only: true,
         };
         let g = request(r, &[0, 2]);
         assert_eq!(g.id, 7);
@@ -132,6 +134,7 @@ mod tests {
         assert_eq!(g.block_table, vec![5, 6]);
         assert_eq!(g.cached_tokens, 2);
         assert!(g.prompt_logprobs);
+        assert!(g.prefill_only);
         assert_eq!(g.sampling.seed, Some(42));
         assert_eq!(g.sampling.top_k, 4);
         assert_eq!(g.sampling.top_n_tokens, 2);

@@ -517,6 +517,7 @@ fn warmup(engine: &mut Engine, max_prefill_tokens: u32, max_batch_size: u32) -> 
                 .collect(),
             cached_tokens: 0,
             prompt_logprobs: false,
+            prefill_only: false,
         })
         .collect();
     let (mut batch, _) = engine.prefill(requests)?;
@@ -574,6 +575,7 @@ mod tests {
             block_table: (id as u32 * 4..id as u32 * 4 + 4).collect(),
             cached_tokens: 0,
             prompt_logprobs: false,
+            prefill_only: false,
         }
     }
 

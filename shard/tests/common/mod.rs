@@ -72,6 +72,7 @@ pub fn sampled_request(
         block_table,
         cached_tokens: 0,
         prompt_logprobs: false,
+        prefill_only: false,
     }
 }
 
