@@ -52,7 +52,8 @@ impl Default for Limits {
 /// How the batching task fills batches.
 #[derive(Debug, Clone, Args)]
 pub struct BatchingConfig {
-    /// Most prompt tokens prefilled in one forward pass.
+    /// Most prompt tokens prefilled in one forward pass (with chunked prefill, the
+    /// size of a prompt's chunks too).
     #[arg(long, env = "TESSERA_MAX_BATCH_PREFILL_TOKENS", default_value_t = 4096)]
     pub max_batch_prefill_tokens: u32,
     /// Most KV tokens (prompt + max_new_tokens of every running request) in use
@@ -78,6 +79,12 @@ pub struct BatchingConfig {
     /// prefill computes only the rest; false computes every prompt whole.
     #[arg(long, env = "TESSERA_PREFIX_CACHING", default_value_t = true, action = clap::ArgAction::Set)]
     pub prefix_caching: bool,
+    /// A prompt that does not fit what is left of a step's prefill-token budget is
+    /// prefilled in chunks, one per step, while the running requests keep decoding
+    /// (each step then stalls them by at most one budget's worth of prefill); false
+    /// prefills every prompt whole, one larger than the budget in a step of its own.
+    #[arg(long, env = "TESSERA_CHUNKED_PREFILL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub chunked_prefill: bool,
 }
 
 impl Default for BatchingConfig {
@@ -90,6 +97,7 @@ impl Default for BatchingConfig {
             waiting_served_ratio: 0.3,
             decode_in_prefill: true,
             prefix_caching: true,
+            chunked_prefill: true,
         }
     }
 }

@@ -6,52 +6,12 @@
 
 mod common;
 
-use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::{ids, reference, Shared};
+use common::{cases, concurrent_requests_equal_solo_ones, token_ids, Shared};
 use serde_json::{json, Value};
 
 static SERVER: Shared = Shared::new(&["--dtype", "float32"]);
-
-/// One reference prompt: name, prompt text, prompt ids, 32 greedy ids, text.
-struct Case {
-    name: String,
-    prompt: String,
-    prompt_ids: Vec<u64>,
-    generated_ids: Vec<u64>,
-    generated_text: String,
-}
-
-fn cases() -> Vec<Case> {
-    let reference = reference();
-    assert_eq!(reference["dtype"], "float32");
-    assert_eq!(reference["new_tokens"], 32);
-    reference["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            assert_eq!(p["bos_added"], false, "the fixture's prompts are raw text");
-            Case {
-                name: p["name"].as_str().unwrap().to_string(),
-                prompt: p["prompt"].as_str().unwrap().to_string(),
-                prompt_ids: ids(&p["prompt_ids"]),
-                generated_ids: ids(&p["generated_ids"]),
-                generated_text: p["generated_text"].as_str().unwrap().to_string(),
-            }
-        })
-        .collect()
-}
-
-fn token_ids(details: &Value) -> Vec<u64> {
-    details["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["id"].as_u64().unwrap())
-        .collect()
-}
 
 /// The reference ran exactly 32 tokens with EOS neither stopping nor
 /// suppressed: that is greedy with `ignore_eos`.
@@ -472,71 +432,10 @@ fn json_mode_answers_are_json_objects() {
 }
 
 /// 32 greedy requests of different prompt lengths and budgets.
-fn mixed_requests() -> Vec<Value> {
-    let cases = cases();
-    let long = cases.iter().find(|c| c.name == "long").unwrap();
-    let words: Vec<&str> = long.prompt.split(' ').collect();
-    (0..32)
-        .map(|i| {
-            let prompt = if i < cases.len() {
-                cases[i].prompt.clone()
-            } else {
-                // Prefixes of the long prompt: 1 to 160 words.
-                let n = 1 + (i * 37) % words.len().min(160);
-                words[..n].join(" ")
-            };
-            json!({"inputs": prompt, "parameters": {
-                "max_new_tokens": 6 + (i % 5) * 4, "details": true, "ignore_eos": true}})
-        })
-        .collect()
-}
-
 #[test]
 fn concurrent_greedy_requests_equal_solo_ones_and_finish_sooner() {
     let server = SERVER.lock();
-    let http = &server.http;
-    let requests = mixed_requests();
-    // Warm up the paths once.
-    http.ok_json("/generate", &requests[0]);
-
-    let started = Instant::now();
-    let solo: Vec<Vec<u64>> = requests
-        .iter()
-        .map(|r| token_ids(&http.ok_json("/generate", r)["details"]))
-        .collect();
-    let sequential = started.elapsed();
-
-    let barrier = Arc::new(Barrier::new(requests.len() + 1));
-    let handles: Vec<_> = requests
-        .iter()
-        .cloned()
-        .map(|request| {
-            let http = http.clone();
-            let barrier = barrier.clone();
-            std::thread::spawn(move || {
-                barrier.wait();
-                http.ok_json("/generate", &request)
-            })
-        })
-        .collect();
-    barrier.wait();
-    let started = Instant::now();
-    let together: Vec<Value> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let concurrent = started.elapsed();
-    eprintln!("32 greedy requests: one after another {sequential:?}, all at once {concurrent:?}");
-
-    for (i, (answer, alone)) in together.iter().zip(&solo).enumerate() {
-        let expected = requests[i]["parameters"]["max_new_tokens"]
-            .as_u64()
-            .unwrap();
-        assert_eq!(alone.len() as u64, expected, "request {i} alone");
-        assert_eq!(
-            &token_ids(&answer["details"]),
-            alone,
-            "request {i} ({:?}) in a batch of 32 differs from alone",
-            requests[i]["inputs"]
-        );
-    }
+    let (sequential, concurrent) = concurrent_requests_equal_solo_ones(&server.http);
     assert!(
         concurrent < sequential,
         "batching did not help: 32 requests at once took {concurrent:?}, one after another {sequential:?}"

@@ -26,9 +26,19 @@ fn greedy(server: &Server, prompt: &str, tokens: u32) -> Value {
     )
 }
 
+/// With a prefill budget of 8 tokens, so that the ranks also prefill prompts in chunks
+/// together.
 #[test]
 fn three_ranks_serve_the_reference_continuations() {
-    let server = Server::start(&["--dtype", "float32", "--num-shard", "3"]);
+    let server = Server::start(&[
+        "--dtype",
+        "float32",
+        "--num-shard",
+        "3",
+        "--",
+        "--max-batch-prefill-tokens",
+        "8",
+    ]);
     let info = server.http.get("/info").json::<Value>().unwrap();
     assert_eq!(info["model_dtype"], "float32", "{info}");
     let reference = reference();

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info_span, warn, Instrument, Span};
 
 use super::blocks::BlockAllocator;
-use super::policy::{admit, should_prefill, Need};
+use super::policy::{admit, should_prefill, Admission, Need};
 use super::replica::Load;
 use super::{Entry, Health, HealthReporter};
 use crate::client::{ClientError, ShardedClient, Step};
@@ -29,6 +29,20 @@ struct Active {
     start: Instant,
     generated: u32,
     text: String,
+}
+
+/// A prompt being prefilled in chunks (one per step, within the prefill-token
+/// budget, while the running batch keeps decoding): it holds all its KV blocks,
+/// and the shard keeps nothing else of it between chunks.
+struct Partial {
+    id: u64,
+    entry: Entry,
+    blocks: Vec<u32>,
+    /// Prompt tokens served from the prefix cache.
+    cached_tokens: u32,
+    /// Prompt positions whose keys and values are in its blocks.
+    done: u32,
+    start: Instant,
 }
 
 struct Running {
@@ -51,6 +65,8 @@ pub struct BatchingTask {
     received_blocks: u64,
     waiting: VecDeque<(u64, Entry)>,
     running: Running,
+    /// At most one prompt in chunks.
+    partial: Option<Partial>,
     next_request_id: u64,
     next_batch_id: u64,
     steps_since_prefill: u32,
@@ -142,6 +158,7 @@ impl BatchingTask {
                 batch_ids: Vec::new(),
                 requests: HashMap::new(),
             },
+            partial: None,
             next_request_id: 0,
             next_batch_id: 0,
             steps_since_prefill: 0,
@@ -167,7 +184,7 @@ impl BatchingTask {
     pub async fn run(mut self, mut entries: mpsc::UnboundedReceiver<Entry>) {
         let mut open = true;
         loop {
-            if open && self.running.requests.is_empty() && self.waiting.is_empty() {
+            if open && self.idle() {
                 match entries.recv().await {
                     Some(entry) => self.enqueue(entry),
                     None => open = false,
@@ -180,20 +197,27 @@ impl BatchingTask {
                     Err(mpsc::error::TryRecvError::Disconnected) => open = false,
                 }
             }
-            if !open && self.running.requests.is_empty() && self.waiting.is_empty() {
+            if !open && self.idle() {
                 break;
             }
             self.waiting.retain(|(_, e)| !e.response.is_closed());
+            if let Some(p) = self.partial.take_if(|p| p.entry.response.is_closed()) {
+                // Its client left between two chunks: the shard holds nothing of it.
+                self.blocks.release(p.blocks);
+            }
             self.update_gauges();
             // A prefill also takes the running batch's decode step, in the same
-            // forward pass on the shard.
+            // forward pass on the shard; a prompt in chunks takes its next chunk at
+            // every step.
             let mut stepped = false;
-            if should_prefill(
-                &self.config,
-                self.waiting.len(),
-                self.running.requests.len(),
-                self.steps_since_prefill,
-            ) {
+            if self.partial.is_some()
+                || should_prefill(
+                    &self.config,
+                    self.waiting.len(),
+                    self.running.requests.len(),
+                    self.steps_since_prefill,
+                )
+            {
                 stepped = self.prefill().await;
             }
             if !self.running.requests.is_empty() {
@@ -201,7 +225,7 @@ impl BatchingTask {
                     self.decode().await;
                 }
                 self.drop_cancelled().await;
-            } else if !self.waiting.is_empty() {
+            } else if !self.waiting.is_empty() && self.partial.is_none() {
                 // Waiting requests that do not fit yet wait for blocks to come back;
                 // with nothing running none will, unless they were cancelled.
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -209,6 +233,11 @@ impl BatchingTask {
             // Also when the last request just finished: the loop may now sleep.
             self.update_gauges();
         }
+    }
+
+    /// Nothing waits, runs or is being prefilled.
+    fn idle(&self) -> bool {
+        self.running.requests.is_empty() && self.waiting.is_empty() && self.partial.is_none()
     }
 
     fn enqueue(&mut self, entry: Entry) {
@@ -232,9 +261,8 @@ impl BatchingTask {
     /// Sets the replica's gauges and publishes its load to the dispatcher.
     fn update_gauges(&self) {
         self.metrics.queue_size.set(self.waiting.len() as i64);
-        self.metrics
-            .batch_size
-            .set(self.running.requests.len() as i64);
+        let running = self.running.requests.len() + usize::from(self.partial.is_some());
+        self.metrics.batch_size.set(running as i64);
         self.metrics
             .kv_blocks_free
             .set(i64::from(self.blocks.free()));
@@ -248,7 +276,7 @@ impl BatchingTask {
             free_blocks: u64::from(self.blocks.free()),
             queued_blocks: self.waiting.iter().map(|(_, e)| self.need(e).blocks).sum(),
             queued: self.waiting.len() as u64,
-            running: self.running.requests.len() as u64,
+            running: running as u64,
             received: self.received,
             received_blocks: self.received_blocks,
         };
@@ -266,7 +294,25 @@ impl BatchingTask {
             blocks: self
                 .blocks
                 .blocks_for(input + entry.request.stopping.max_new_tokens as u64),
+            chunkable: !entry.request.prompt_logprobs,
         }
+    }
+
+    /// What the next prefill admits of the waiting requests when `used` prompt
+    /// tokens of its budget go to the prompt in chunks, if any (which will still be
+    /// in chunks after this step with `chunking`: then no other prompt starts).
+    /// `in_step` requests of the step are not in the running batch yet (the prompt
+    /// in chunks).
+    fn admission(&self, used: u64, in_step: usize, chunking: bool) -> Admission {
+        let in_batch = self.running.requests.len() + in_step;
+        admit(
+            &self.config,
+            self.waiting.iter().map(|(_, e)| self.need(e)),
+            in_batch,
+            self.blocks.free() as u64,
+            used,
+            self.config.chunked_prefill && !chunking,
+        )
     }
 
     /// Whether the loop will prefill after a step, `steps` decode steps after the last
@@ -275,99 +321,150 @@ impl BatchingTask {
     /// arrive in between may change it, which costs time, never a token.)
     fn prefill_expected(&self, steps: u32) -> bool {
         self.config.decode_in_prefill
-            && should_prefill(
-                &self.config,
-                self.waiting.len(),
-                self.running.requests.len(),
-                steps,
-            )
-            && admit(
-                &self.config,
-                self.waiting.iter().map(|(_, e)| self.need(e)),
-                self.running.requests.len(),
-                self.blocks.free() as u64,
-            ) > 0
+            && (self.partial.is_some()
+                || should_prefill(
+                    &self.config,
+                    self.waiting.len(),
+                    self.running.requests.len(),
+                    steps,
+                ) && self.admission(0, 0, false) != Admission::default())
     }
 
-    /// Admits waiting requests and prefills them; the running batches take their
-    /// decode step in the same call. Returns whether they did.
-    async fn prefill(&mut self) -> bool {
-        let count = admit(
-            &self.config,
-            self.waiting.iter().map(|(_, e)| self.need(e)),
-            self.running.requests.len(),
-            self.blocks.free() as u64,
-        );
-        if count == 0 {
-            return false;
+    /// The shard's request for `entry`'s prompt up to `end`, past its first
+    /// `cached_tokens` (already in `blocks`); `prefill_only` for a chunk that is not
+    /// the prompt's last.
+    fn shard_request(
+        id: u64,
+        entry: &Entry,
+        blocks: &[u32],
+        cached_tokens: u32,
+        end: u32,
+        prefill_only: bool,
+    ) -> pb::Request {
+        let r = &entry.request;
+        let p = &r.parameters;
+        pb::Request {
+            id,
+            input_ids: r.input_ids[..end as usize].to_vec(),
+            sampling: Some(pb::SamplingParameters {
+                temperature: p.temperature,
+                do_sample: p.do_sample,
+                top_k: p.top_k,
+                top_p: p.top_p,
+                typical_p: p.typical_p,
+                min_p: p.min_p,
+                repetition_penalty: p.repetition_penalty,
+                frequency_penalty: p.frequency_penalty,
+                presence_penalty: p.presence_penalty,
+                seed: p.seed,
+                top_n_tokens: p.top_n_tokens,
+                logit_bias: p.logit_bias.iter().copied().collect(),
+                json_object: p.json_object,
+            }),
+            stopping: Some(pb::StoppingParameters {
+                max_new_tokens: r.stopping.max_new_tokens,
+                stop_sequences: r.stopping.stop_sequences.clone(),
+                ignore_eos: r.stopping.ignore_eos,
+                min_new_tokens: r.stopping.min_new_tokens,
+            }),
+            blocks: blocks.to_vec(),
+            cached_tokens,
+            prompt_logprobs: r.prompt_logprobs,
+            prefill_only,
         }
-        self.steps_since_prefill = 0;
-        let batch_id = self.next_batch_id;
-        self.next_batch_id += 1;
-        let mut requests = Vec::with_capacity(count);
-        let mut new = HashMap::with_capacity(count);
+    }
+
+    /// Takes `entry` off the queue into this prefill: allocates its blocks (sharing
+    /// a cached prefix when it may), or fails it when none are free.
+    fn allocate(&mut self, entry: &Entry) -> Option<crate::batcher::blocks::Allocation> {
+        let need = self.need(entry);
+        // Prompt log-probabilities need every prompt position computed.
+        let reuse = !entry.request.prompt_logprobs;
+        let allocation =
+            self.blocks
+                .allocate_for_prompt(&entry.request.input_ids, need.blocks, reuse)?;
+        self.metrics.prefix_cache_queries.inc_by(need.input_tokens);
+        self.metrics
+            .prefix_cache_hits
+            .inc_by(u64::from(allocation.cached_tokens));
+        Some(allocation)
+    }
+
+    /// Admits waiting requests and prefills them, with the next chunk of the prompt
+    /// in chunks, if any; the running batches take their decode step in the same
+    /// call. Returns whether they did.
+    async fn prefill(&mut self) -> bool {
+        let budget = u64::from(self.config.max_batch_prefill_tokens);
         let start = Instant::now();
+        let mut requests = Vec::new();
+        let mut new = HashMap::new();
         let mut traces = Vec::new();
-        for (id, mut entry) in self.waiting.drain(..count).collect::<Vec<_>>() {
-            // Admitted: its wait in the queue ends here.
-            entry.queue_span = Span::none();
-            let need = self.need(&entry);
-            // Prompt log-probabilities need every prompt position computed.
-            let reuse = !entry.request.prompt_logprobs;
-            let Some(allocation) =
-                self.blocks
-                    .allocate_for_prompt(&entry.request.input_ids, need.blocks, reuse)
-            else {
-                // admit() checked the free blocks; this cannot happen, but never lose a request.
-                entry.fail(InferError::Unavailable("no free KV blocks".into()));
-                continue;
-            };
+        let trace = |traces: &mut Vec<pb::RequestTrace>, id: u64, entry: &Entry| {
             if let Some(traceparent) = &entry.traceparent {
                 traces.push(pb::RequestTrace {
                     request_id: id,
                     traceparent: traceparent.clone(),
                 });
             }
-            let r = &entry.request;
-            let p = &r.parameters;
-            requests.push(pb::Request {
+        };
+        // The prompt in chunks goes first: its next chunk, or the rest of it.
+        let mut used = 0u64;
+        let mut partial = None;
+        let in_step = usize::from(self.partial.is_some());
+        if let Some(p) = self.partial.take() {
+            let len = p.entry.request.input_ids.len() as u32;
+            let rest = len - p.done;
+            trace(&mut traces, p.id, &p.entry);
+            if u64::from(rest) <= budget {
+                used = u64::from(rest);
+                requests.push(Self::shard_request(
+                    p.id, &p.entry, &p.blocks, p.done, len, false,
+                ));
+                new.insert(
+                    p.id,
+                    Active {
+                        entry: p.entry,
+                        blocks: p.blocks,
+                        cached_tokens: p.cached_tokens,
+                        start: p.start,
+                        generated: 0,
+                        text: String::new(),
+                    },
+                );
+            } else {
+                used = budget;
+                let end = p.done + budget as u32;
+                requests.push(Self::shard_request(
+                    p.id, &p.entry, &p.blocks, p.done, end, true,
+                ));
+                partial = Some(Partial { done: end, ..p });
+            }
+        }
+        let admission = self.admission(used, in_step, partial.is_some());
+        let whole = self.waiting.drain(..admission.whole).collect::<Vec<_>>();
+        for (id, mut entry) in whole {
+            // Admitted: its wait in the queue ends here.
+            entry.queue_span = Span::none();
+            let Some(allocation) = self.allocate(&entry) else {
+                // admit() checked the free blocks; this cannot happen, but never lose a request.
+                entry.fail(InferError::Unavailable("no free KV blocks".into()));
+                continue;
+            };
+            trace(&mut traces, id, &entry);
+            let len = entry.request.input_ids.len() as u32;
+            requests.push(Self::shard_request(
                 id,
-                input_ids: r.input_ids.clone(),
-                sampling: Some(pb::SamplingParameters {
-                    temperature: p.temperature,
-                    do_sample: p.do_sample,
-                    top_k: p.top_k,
-                    top_p: p.top_p,
-                    typical_p: p.typical_p,
-                    min_p: p.min_p,
-                    repetition_penalty: p.repetition_penalty,
-                    frequency_penalty: p.frequency_penalty,
-                    presence_penalty: p.presence_penalty,
-                    seed: p.seed,
-                    top_n_tokens: p.top_n_tokens,
-                    logit_bias: p.logit_bias.iter().copied().collect(),
-                    json_object: p.json_object,
-                }),
-                stopping: Some(pb::StoppingParameters {
-                    max_new_tokens: r.stopping.max_new_tokens,
-                    stop_sequences: r.stopping.stop_sequences.clone(),
-                    ignore_eos: r.stopping.ignore_eos,
-                    min_new_tokens: r.stopping.min_new_tokens,
-                }),
-                blocks: allocation.blocks.clone(),
-                cached_tokens: allocation.cached_tokens,
-                prompt_logprobs: r.prompt_logprobs,
-            });
-            self.metrics.prefix_cache_queries.inc_by(need.input_tokens);
-            self.metrics
-                .prefix_cache_hits
-                .inc_by(u64::from(allocation.cached_tokens));
-            let blocks = allocation.blocks;
+                &entry,
+                &allocation.blocks,
+                allocation.cached_tokens,
+                len,
+                false,
+            ));
             new.insert(
                 id,
                 Active {
                     entry,
-                    blocks,
+                    blocks: allocation.blocks,
                     cached_tokens: allocation.cached_tokens,
                     start,
                     generated: 0,
@@ -375,6 +472,70 @@ impl BatchingTask {
                 },
             );
         }
+        // (Taken off the queue only when the admission says so.)
+        let starting = admission.chunk.and_then(|chunk| {
+            let (id, entry) = self.waiting.pop_front()?;
+            Some((chunk, id, entry))
+        });
+        if let Some((chunk, id, mut entry)) = starting {
+            entry.queue_span = Span::none();
+            match self.allocate(&entry) {
+                None => entry.fail(InferError::Unavailable("no free KV blocks".into())),
+                Some(allocation) => {
+                    trace(&mut traces, id, &entry);
+                    let len = entry.request.input_ids.len() as u32;
+                    let cached = allocation.cached_tokens;
+                    let end = u64::from(cached) + chunk;
+                    if end >= u64::from(len) {
+                        // Its cached prefix leaves less than the chunk to compute.
+                        requests.push(Self::shard_request(
+                            id,
+                            &entry,
+                            &allocation.blocks,
+                            cached,
+                            len,
+                            false,
+                        ));
+                        new.insert(
+                            id,
+                            Active {
+                                entry,
+                                blocks: allocation.blocks,
+                                cached_tokens: cached,
+                                start,
+                                generated: 0,
+                                text: String::new(),
+                            },
+                        );
+                    } else {
+                        let end = end as u32;
+                        requests.push(Self::shard_request(
+                            id,
+                            &entry,
+                            &allocation.blocks,
+                            cached,
+                            end,
+                            true,
+                        ));
+                        partial = Some(Partial {
+                            id,
+                            entry,
+                            blocks: allocation.blocks,
+                            cached_tokens: cached,
+                            done: end,
+                            start,
+                        });
+                    }
+                }
+            }
+        }
+        if requests.is_empty() {
+            self.partial = partial;
+            return false;
+        }
+        self.steps_since_prefill = 0;
+        let batch_id = self.next_batch_id;
+        self.next_batch_id += 1;
         // The running batches take their decode step in this call too.
         let decode_ids = if self.config.decode_in_prefill {
             std::mem::take(&mut self.running.batch_ids)
@@ -389,19 +550,23 @@ impl BatchingTask {
         };
         let step = Step {
             batch_ids: decode_ids.clone(),
-            prefill_follows: stepped && self.prefill_expected(1),
+            prefill_follows: stepped && (partial.is_some() || self.prefill_expected(1)),
         };
         let (replica, size) = (self.replica, requests.len());
-        let span = step_span(new.iter().map(|(&id, a)| (id, &a.entry)), |parent| {
-            info_span!(
-                parent: parent,
-                "prefill",
-                replica,
-                batch_id,
-                size,
-                running = running.len()
-            )
-        });
+        let in_chunks = partial.iter().map(|p| (p.id, &p.entry));
+        let span = step_span(
+            new.iter().map(|(&id, a)| (id, &a.entry)).chain(in_chunks),
+            |parent| {
+                info_span!(
+                    parent: parent,
+                    "prefill",
+                    replica,
+                    batch_id,
+                    size,
+                    running = running.len()
+                )
+            },
+        );
         let result = self
             .client
             .prefill(
@@ -425,6 +590,7 @@ impl BatchingTask {
                         .observe(t.forward_ns as f64 / 1e9);
                 }
                 observe_ranks(&self.metrics.rank_prefill, &ranks);
+                self.partial = partial;
                 // Their prompts' blocks are written now: later prompts may share them.
                 for active in new.values() {
                     self.blocks
@@ -452,6 +618,10 @@ impl BatchingTask {
                 for (_, active) in new {
                     self.blocks.release(active.blocks);
                     active.entry.fail(error.clone());
+                }
+                if let Some(p) = partial {
+                    self.blocks.release(p.blocks);
+                    p.entry.fail(error.clone());
                 }
                 if stepped {
                     self.fail_running(error);
@@ -527,9 +697,15 @@ impl BatchingTask {
     /// requests until its health checker hears from the shards again.
     fn shard_failed(&mut self, e: &ClientError) -> InferError {
         self.health.set(Health::Down(e.to_string()));
-        // What the failed step wrote (or did not) is unknown: share no cached prefix.
+        // What the failed step wrote (or did not) is unknown: share no cached prefix,
+        // and do not continue a prompt from chunks the shard may have lost.
         self.blocks.forget_prefixes();
-        InferError::Generation(e.to_string())
+        let error = InferError::Generation(e.to_string());
+        if let Some(p) = self.partial.take() {
+            self.blocks.release(p.blocks);
+            p.entry.fail(error.clone());
+        }
+        error
     }
 
     /// Fails every running request with `error` and frees its blocks.

@@ -17,10 +17,10 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Mutex, MutexGuard, Once};
+use std::sync::{mpsc, Arc, Barrier, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// `target/<profile>/`, where cargo put the workspace's binaries.
 pub fn bin_dir() -> PathBuf {
@@ -573,4 +573,113 @@ pub fn ids(value: &Value) -> Vec<u64> {
         .iter()
         .map(|v| v.as_u64().unwrap())
         .collect()
+}
+
+/// One reference prompt: name, prompt text, prompt ids, 32 greedy ids, text.
+pub struct Case {
+    pub name: String,
+    pub prompt: String,
+    pub prompt_ids: Vec<u64>,
+    pub generated_ids: Vec<u64>,
+    pub generated_text: String,
+}
+
+pub fn cases() -> Vec<Case> {
+    let reference = reference();
+    assert_eq!(reference["dtype"], "float32");
+    assert_eq!(reference["new_tokens"], 32);
+    reference["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            assert_eq!(p["bos_added"], false, "the fixture's prompts are raw text");
+            Case {
+                name: p["name"].as_str().unwrap().to_string(),
+                prompt: p["prompt"].as_str().unwrap().to_string(),
+                prompt_ids: ids(&p["prompt_ids"]),
+                generated_ids: ids(&p["generated_ids"]),
+                generated_text: p["generated_text"].as_str().unwrap().to_string(),
+            }
+        })
+        .collect()
+}
+
+/// The ids of a TGI answer's generated tokens (`details.tokens`).
+pub fn token_ids(details: &Value) -> Vec<u64> {
+    details["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect()
+}
+
+/// 32 greedy TGI requests of mixed prompt lengths (the reference prompts, then
+/// prefixes of its long one) and lengths (6 to 22 new tokens).
+pub fn mixed_requests() -> Vec<Value> {
+    let cases = cases();
+    let long = cases.iter().find(|c| c.name == "long").unwrap();
+    let words: Vec<&str> = long.prompt.split(' ').collect();
+    (0..32)
+        .map(|i| {
+            let prompt = if i < cases.len() {
+                cases[i].prompt.clone()
+            } else {
+                // Prefixes of the long prompt: 1 to 160 words.
+                let n = 1 + (i * 37) % words.len().min(160);
+                words[..n].join(" ")
+            };
+            json!({"inputs": prompt, "parameters": {
+                "max_new_tokens": 6 + (i % 5) * 4, "details": true, "ignore_eos": true}})
+        })
+        .collect()
+}
+
+/// Sends [`mixed_requests`] one after another, then all at once, and asserts that
+/// each answer in the batch equals its solo answer; returns both durations.
+pub fn concurrent_requests_equal_solo_ones(http: &Http) -> (Duration, Duration) {
+    let requests = mixed_requests();
+    // Warm up the paths once.
+    http.ok_json("/generate", &requests[0]);
+
+    let started = Instant::now();
+    let solo: Vec<Vec<u64>> = requests
+        .iter()
+        .map(|r| token_ids(&http.ok_json("/generate", r)["details"]))
+        .collect();
+    let sequential = started.elapsed();
+
+    let barrier = Arc::new(Barrier::new(requests.len() + 1));
+    let handles: Vec<_> = requests
+        .iter()
+        .cloned()
+        .map(|request| {
+            let http = http.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                http.ok_json("/generate", &request)
+            })
+        })
+        .collect();
+    barrier.wait();
+    let started = Instant::now();
+    let together: Vec<Value> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let concurrent = started.elapsed();
+    eprintln!("32 greedy requests: one after another {sequential:?}, all at once {concurrent:?}");
+
+    for (i, (answer, alone)) in together.iter().zip(&solo).enumerate() {
+        let expected = requests[i]["parameters"]["max_new_tokens"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(alone.len() as u64, expected, "request {i} alone");
+        assert_eq!(
+            &token_ids(&answer["details"]),
+            alone,
+            "request {i} ({:?}) in a batch of 32 differs from alone",
+            requests[i]["inputs"]
+        );
+    }
+    (sequential, concurrent)
 }
