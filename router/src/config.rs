@@ -79,10 +79,10 @@ pub struct BatchingConfig {
     /// prefill computes only the rest; false computes every prompt whole.
     #[arg(long, env = "TESSERA_PREFIX_CACHING", default_value_t = true, action = clap::ArgAction::Set)]
     pub prefix_caching: bool,
-    /// A prompt that does not fit what is left of a step's prefill-token budget is
-    /// prefilled in chunks, one per step, while the running requests keep decoding
-    /// (each step then stalls them by at most one budget's worth of prefill); false
-    /// prefills every prompt whole, one larger than the budget in a step of its own.
+    /// A prompt longer than the prefill-token budget is prefilled in chunks, one per
+    /// step, while the running requests keep decoding (each step then stalls them by
+    /// at most one budget's worth of prefill); false prefills every prompt whole, one
+    /// larger than the budget in a step of its own.
     #[arg(long, env = "TESSERA_CHUNKED_PREFILL", default_value_t = true, action = clap::ArgAction::Set)]
     pub chunked_prefill: bool,
 }

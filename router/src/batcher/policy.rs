@@ -50,10 +50,13 @@ pub struct Admission {
 /// already go to a chunk of an earlier prompt, the free KV blocks and the batch
 /// size (`running` counts every request already in the batch or being prefilled).
 ///
-/// With `can_chunk` (chunked prefill on and no other prompt in chunks), the first
-/// request that does not fit the rest of the budget starts a chunked prefill with
-/// that rest. Otherwise a request larger than the whole budget goes alone, so that
-/// every prompt that fits the KV pool is served.
+/// With `can_chunk` (chunked prefill on and no other prompt in chunks), a request
+/// larger than the whole budget starts a chunked prefill with the rest of the budget
+/// when it comes up; one that fits the budget but not its rest waits for the next
+/// step, where it goes whole (splitting it would only add forward passes, and on a
+/// CPU a pass of fewer rows runs its matmuls less efficiently). Without `can_chunk`
+/// a request larger than the whole budget goes alone, so that every prompt that fits
+/// the KV pool is served.
 pub fn admit(
     config: &BatchingConfig,
     waiting: impl IntoIterator<Item = Need>,
@@ -82,7 +85,7 @@ pub fn admit(
             }
             continue;
         }
-        if can_chunk && need.chunkable && tokens < budget {
+        if can_chunk && need.chunkable && need.input_tokens > budget && tokens < budget {
             admission.chunk = Some(budget - tokens);
         }
         break;
@@ -159,17 +162,27 @@ mod tests {
             whole,
             chunk: Some(chunk),
         };
-        // 60 fits; 70 more would not: its first chunk takes the remaining 40.
+        // 60 fits; 170 more would not, nor ever whole: its first chunk takes the
+        // remaining 40.
+        assert_eq!(
+            admit(&c, [need(60, 1), need(170, 1), need(1, 1)], 0, 10, 0, true),
+            chunked(1, 40)
+        );
+        // 70 would fit a step of its own: it waits for the next one, whole.
         assert_eq!(
             admit(&c, [need(60, 1), need(70, 1), need(1, 1)], 0, 10, 0, true),
-            chunked(1, 40)
+            whole(1)
         );
         // Larger than the whole budget: chunked from the start.
         assert_eq!(admit(&c, [need(150, 1)], 0, 10, 0, true), chunked(0, 100));
-        // 30 tokens of this step already go to another prompt's chunk.
+        // 30 tokens of this step already go to another prompt's last piece.
+        assert_eq!(
+            admit(&c, [need(50, 1), need(150, 1)], 0, 10, 30, true),
+            chunked(1, 20)
+        );
         assert_eq!(
             admit(&c, [need(50, 1), need(50, 1)], 0, 10, 30, true),
-            chunked(1, 20)
+            whole(1)
         );
         // The budget is spent: nothing more this step.
         assert_eq!(admit(&c, [need(5, 1)], 0, 10, 100, true), whole(0));
