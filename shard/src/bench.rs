@@ -43,6 +43,16 @@ pub struct BenchArgs {
     /// forward pass (what `--decode-in-prefill` does); 0 skips it.
     #[arg(long, default_value_t = 256)]
     pub mixed_prompt: usize,
+    /// Prompt length of the chunked-prefill measurement: at each batch size, this
+    /// prompt joins the running batch whole (one forward pass with the batch's decode
+    /// step) and then in chunks of `--chunk-size` tokens (one per decode step), as a
+    /// router does with chunked prefill; prints the longest step (the running
+    /// streams' longest wait between two tokens) and the total. 0 skips it.
+    #[arg(long, default_value_t = 0)]
+    pub chunk_prompt: usize,
+    /// Chunk size of the chunked-prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    pub chunk_size: usize,
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -91,6 +101,18 @@ pub struct Figures {
     /// seconds for both in one forward pass), medians.
     #[serde(default)]
     pub mixed_steps: Vec<(usize, usize, f64, f64)>,
+    /// (batch size, prompt length, chunk size, [whole, chunked]), medians.
+    #[serde(default)]
+    pub chunked_prefill: Vec<(usize, usize, usize, [ChunkedTimes; 2])>,
+}
+
+/// A prompt joining a running batch: seconds of the longest step and of all steps
+/// until the prompt has its first token (the batch takes a decode step in each).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default)]
+pub struct ChunkedTimes {
+    pub longest_step: f64,
+    pub total: f64,
+    pub steps: usize,
 }
 
 /// Largest number of prompt tokens prefilled in one forward pass by the decode benchmark.
@@ -134,6 +156,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .args(["--decode-steps", &args.decode_steps.to_string()])
                 .args(["--repeats", &args.repeats.to_string()])
                 .args(["--mixed-prompt", &args.mixed_prompt.to_string()])
+                .args(["--chunk-prompt", &args.chunk_prompt.to_string()])
+                .args(["--chunk-size", &args.chunk_size.to_string()])
                 .args([
                     "--world-size",
                     &world.to_string(),
@@ -217,6 +241,18 @@ fn print_figures(f: &Figures) {
             apart * 1e3,
             together * 1e3,
             apart / together.max(1e-12)
+        );
+    }
+    for (b, len, chunk, [whole, chunked]) in &f.chunked_prefill {
+        println!(
+            "  prompt of {len} tokens joining batch {b:>3}: whole, longest step {:.1} ms, \
+             {:.1} ms in {} step(s); in chunks of {chunk}, longest step {:.1} ms, {:.1} ms in {} steps",
+            whole.longest_step * 1e3,
+            whole.total * 1e3,
+            whole.steps,
+            chunked.longest_step * 1e3,
+            chunked.total * 1e3,
+            chunked.steps
         );
     }
     println!("  peak RSS             {:>9.1} MiB", f.peak_rss_mib);
@@ -333,9 +369,15 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
     let mut collectives = Vec::new();
     let mut stages = Vec::new();
     let mut mixed_steps = Vec::new();
+    let mut chunked_prefill = Vec::new();
     let warmup = 2;
     for &b in &args.batch_sizes {
-        let steps = (args.decode_steps + warmup + 1 + 2 * MIXED_REPEATS) as u32;
+        let chunk_steps = if args.chunk_prompt > 0 {
+            2 * CHUNKED_REPEATS * args.chunk_prompt.div_ceil(args.chunk_size.max(1))
+        } else {
+            0
+        };
+        let steps = (args.decode_steps + warmup + 1 + 2 * MIXED_REPEATS + chunk_steps) as u32;
         // Prompts are prefilled in groups of at most PREFILL_TOKENS tokens, as a router
         // with a prefill budget would, and merged into one running batch.
         let mut batch = crate::Batch::default();
@@ -392,6 +434,17 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
                 measure_mixed(&mut engine, &mut blocks, &mut batch, args.mixed_prompt)?;
             mixed_steps.push((b, args.mixed_prompt, apart, together));
         }
+        if args.chunk_prompt > 0 {
+            let chunk = args.chunk_size.max(1);
+            let times = measure_chunked(
+                &mut engine,
+                &mut blocks,
+                &mut batch,
+                args.chunk_prompt,
+                chunk,
+            )?;
+            chunked_prefill.push((b, args.chunk_prompt, chunk, times));
+        }
         for (_, table) in batch.filter(&[]) {
             blocks.release(table);
         }
@@ -410,7 +463,72 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
         decode_stages: stages,
         prefill_stages,
         mixed_steps,
+        chunked_prefill,
     })
+}
+
+/// Rounds of the chunked-prefill measurement.
+const CHUNKED_REPEATS: usize = 3;
+
+/// A `len`-token prompt joining `batch`: whole, in one forward pass with the batch's
+/// decode step, then as `chunk`-token prefill-only chunks, one per decode step of the
+/// batch, and its last piece; alternated, medians of each figure.
+fn measure_chunked(
+    engine: &mut Engine,
+    blocks: &mut BlockAllocator,
+    batch: &mut crate::Batch,
+    len: usize,
+    chunk: usize,
+) -> anyhow::Result<[ChunkedTimes; 2]> {
+    let vocab = engine.model_config().vocab_size;
+    let mut rounds: [Vec<ChunkedTimes>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..CHUNKED_REPEATS {
+        let id = 2_000_000 + round as u64;
+        let mut first_tokens = Vec::new();
+        for (chunked, times) in rounds.iter_mut().enumerate() {
+            let whole = request(engine, blocks, id, prompt(id as usize, len, vocab), 1)?;
+            let mut pieces = Vec::new();
+            if chunked == 1 {
+                let mut start = 0;
+                while len - start > chunk {
+                    let mut piece = whole.clone();
+                    piece.prompt.truncate(start + chunk);
+                    piece.cached_tokens = start;
+                    piece.prefill_only = true;
+                    pieces.push(piece);
+                    start += chunk;
+                }
+                let mut last = whole;
+                last.cached_tokens = start;
+                pieces.push(last);
+            } else {
+                pieces.push(whole);
+            }
+            let mut t = ChunkedTimes::default();
+            for piece in pieces {
+                let started = Instant::now();
+                let (fresh, generations, _) = engine.prefill_and_decode(vec![piece], batch)?;
+                let elapsed = started.elapsed().as_secs_f64();
+                t.longest_step = t.longest_step.max(elapsed);
+                t.total += elapsed;
+                t.steps += 1;
+                first_tokens.extend(generations.iter().map(|g| g.token_id));
+                for (_, table) in { fresh }.filter(&[]) {
+                    blocks.release(table);
+                }
+            }
+            times.push(t);
+        }
+        if first_tokens.len() != 2 {
+            bail!("the prompt's first token came {} times", first_tokens.len());
+        }
+    }
+    let pick = |v: &[ChunkedTimes]| ChunkedTimes {
+        longest_step: median(v.iter().map(|t| t.longest_step).collect()),
+        total: median(v.iter().map(|t| t.total).collect()),
+        steps: v.first().map_or(0, |t| t.steps),
+    };
+    Ok([pick(&rounds[0]), pick(&rounds[1])])
 }
 
 /// Rounds of the mixed-step measurement (each takes two decode steps of the batch).
