@@ -31,6 +31,20 @@ struct Active {
     text: String,
 }
 
+impl Active {
+    /// `entry`, starting to generate with its prompt in `blocks`.
+    fn new(entry: Entry, blocks: Vec<u32>, cached_tokens: u32, start: Instant) -> Self {
+        Self {
+            entry,
+            blocks,
+            cached_tokens,
+            start,
+            generated: 0,
+            text: String::new(),
+        }
+    }
+}
+
 /// A prompt being prefilled in chunks (one per step, within the prefill-token
 /// budget, while the running batch keeps decoding): it holds all its KV blocks,
 /// and the shard keeps nothing else of it between chunks.
@@ -422,14 +436,7 @@ impl BatchingTask {
                 ));
                 new.insert(
                     p.id,
-                    Active {
-                        entry: p.entry,
-                        blocks: p.blocks,
-                        cached_tokens: p.cached_tokens,
-                        start: p.start,
-                        generated: 0,
-                        text: String::new(),
-                    },
+                    Active::new(p.entry, p.blocks, p.cached_tokens, p.start),
                 );
             } else {
                 used = budget;
@@ -462,14 +469,7 @@ impl BatchingTask {
             ));
             new.insert(
                 id,
-                Active {
-                    entry,
-                    blocks: allocation.blocks,
-                    cached_tokens: allocation.cached_tokens,
-                    start,
-                    generated: 0,
-                    text: String::new(),
-                },
+                Active::new(entry, allocation.blocks, allocation.cached_tokens, start),
             );
         }
         // (Taken off the queue only when the admission says so.)
@@ -496,17 +496,7 @@ impl BatchingTask {
                             len,
                             false,
                         ));
-                        new.insert(
-                            id,
-                            Active {
-                                entry,
-                                blocks: allocation.blocks,
-                                cached_tokens: cached,
-                                start,
-                                generated: 0,
-                                text: String::new(),
-                            },
-                        );
+                        new.insert(id, Active::new(entry, allocation.blocks, cached, start));
                     } else {
                         let end = end as u32;
                         requests.push(Self::shard_request(
