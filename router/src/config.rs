@@ -54,7 +54,8 @@ impl Default for Limits {
 pub struct BatchingConfig {
     /// Most prompt tokens prefilled in one forward pass (with chunked prefill, the
     /// size of a prompt's chunks too).
-    #[arg(long, env = "TESSERA_MAX_BATCH_PREFILL_TOKENS", default_value_t = 4096)]
+    #[arg(long, env = "TESSERA_MAX_BATCH_PREFILL_TOKENS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub max_batch_prefill_tokens: u32,
     /// Most KV tokens (prompt + max_new_tokens of every running request) in use
     /// at once; 0 takes the shards' capacity from warmup.
@@ -212,6 +213,16 @@ mod tests {
             vec!["unix:///tmp/a-0", "unix:///tmp/b-0"]
         );
         assert_eq!(flag_wins.unwrap().shard_uri, vec!["http://10.0.0.1:50051"]);
+    }
+
+    /// A budget of 0 would let no prompt be prefilled (with chunked prefill on, not
+    /// even alone): the requests would wait forever.
+    #[test]
+    fn a_prefill_budget_of_zero_is_refused() {
+        let e = parse(&["--max-batch-prefill-tokens", "0"]).unwrap_err();
+        assert!(e.to_string().contains("max-batch-prefill-tokens"), "{e}");
+        let args = parse(&["--max-batch-prefill-tokens", "1"]).unwrap();
+        assert_eq!(args.batching.max_batch_prefill_tokens, 1);
     }
 
     #[test]
