@@ -448,8 +448,19 @@ impl BatchingTask {
             }
         }
         let admission = self.admission(used, in_step, partial.is_some());
-        let whole = self.waiting.drain(..admission.whole).collect::<Vec<_>>();
-        for (id, mut entry) in whole {
+        // The admitted requests, the last one perhaps with the size of its first chunk
+        // (taken off the queue only when the admission says so).
+        let mut admitted: Vec<(u64, Entry, Option<u64>)> = self
+            .waiting
+            .drain(..admission.whole)
+            .map(|(id, entry)| (id, entry, None))
+            .collect();
+        if let Some(chunk) = admission.chunk {
+            if let Some((id, entry)) = self.waiting.pop_front() {
+                admitted.push((id, entry, Some(chunk)));
+            }
+        }
+        for (id, mut entry, chunk) in admitted {
             // Admitted: its wait in the queue ends here.
             entry.queue_span = Span::none();
             let Some(allocation) = self.allocate(&entry) else {
@@ -459,64 +470,32 @@ impl BatchingTask {
             };
             trace(&mut traces, id, &entry);
             let len = entry.request.input_ids.len() as u32;
+            let cached = allocation.cached_tokens;
+            // A chunk's end, unless its cached prefix leaves less than the chunk to compute.
+            let chunk_end = chunk
+                .map(|c| u64::from(cached) + c)
+                .filter(|&end| end < u64::from(len))
+                .map(|end| end as u32);
+            let end = chunk_end.unwrap_or(len);
             requests.push(Self::shard_request(
                 id,
                 &entry,
                 &allocation.blocks,
-                allocation.cached_tokens,
-                len,
-                false,
+                cached,
+                end,
+                chunk_end.is_some(),
             ));
-            new.insert(
-                id,
-                Active::new(entry, allocation.blocks, allocation.cached_tokens, start),
-            );
-        }
-        // (Taken off the queue only when the admission says so.)
-        let starting = admission.chunk.and_then(|chunk| {
-            let (id, entry) = self.waiting.pop_front()?;
-            Some((chunk, id, entry))
-        });
-        if let Some((chunk, id, mut entry)) = starting {
-            entry.queue_span = Span::none();
-            match self.allocate(&entry) {
-                None => entry.fail(InferError::Unavailable("no free KV blocks".into())),
-                Some(allocation) => {
-                    trace(&mut traces, id, &entry);
-                    let len = entry.request.input_ids.len() as u32;
-                    let cached = allocation.cached_tokens;
-                    let end = u64::from(cached) + chunk;
-                    if end >= u64::from(len) {
-                        // Its cached prefix leaves less than the chunk to compute.
-                        requests.push(Self::shard_request(
-                            id,
-                            &entry,
-                            &allocation.blocks,
-                            cached,
-                            len,
-                            false,
-                        ));
-                        new.insert(id, Active::new(entry, allocation.blocks, cached, start));
-                    } else {
-                        let end = end as u32;
-                        requests.push(Self::shard_request(
-                            id,
-                            &entry,
-                            &allocation.blocks,
-                            cached,
-                            end,
-                            true,
-                        ));
-                        partial = Some(Partial {
-                            id,
-                            entry,
-                            blocks: allocation.blocks,
-                            cached_tokens: cached,
-                            done: end,
-                            start,
-                        });
-                    }
-                }
+            if chunk_end.is_some() {
+                partial = Some(Partial {
+                    id,
+                    entry,
+                    blocks: allocation.blocks,
+                    cached_tokens: cached,
+                    done: end,
+                    start,
+                });
+            } else {
+                new.insert(id, Active::new(entry, allocation.blocks, cached, start));
             }
         }
         if requests.is_empty() {
