@@ -21,8 +21,9 @@ pub struct ServeArgs {
     /// A .gguf file or a Hugging Face folder; defaults to the embedded SmolLM2-135M-Instruct.
     #[arg(long, env = "TESSERA_MODEL")]
     pub model: Option<PathBuf>,
+    /// auto (bfloat16 on a GPU and on a CPU with AVX-512 or AMX, float32 on other CPUs),
     /// float32, bfloat16 or float16.
-    #[arg(long, env = "TESSERA_DTYPE", default_value = "bfloat16")]
+    #[arg(long, env = "TESSERA_DTYPE", default_value = "auto")]
     pub dtype: String,
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "TESSERA_DEVICE", default_value = "cpu")]

@@ -451,7 +451,14 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
     }
     Ok(Figures {
         model: path.display().to_string(),
-        dtype: args.model.dtype.clone(),
+        dtype: if config.small_batches_in_bf16 {
+            format!(
+                "{} (int4 copies in bf16 for small batches)",
+                crate::device::kind_name(config.kind)
+            )
+        } else {
+            crate::device::kind_name(config.kind).to_string()
+        },
         device: args.model.device.clone(),
         threads: tch::get_num_threads(),
         load_seconds,

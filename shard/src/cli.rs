@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::device::{parse_device, parse_kind};
+use crate::device::{parse_device, resolve_precision};
 use crate::engine::EngineConfig;
 use crate::error::Result;
 
@@ -14,7 +14,8 @@ pub struct ModelArgs {
     /// A .gguf file or a Hugging Face folder (config.json + *.safetensors). Defaults to the embedded SmolLM2-135M-Instruct.
     #[arg(long, env = "TESSERA_MODEL")]
     pub model: Option<PathBuf>,
-    /// float32, bfloat16 or float16.
+    /// float32, bfloat16, float16, or auto: bfloat16 on a GPU and on a CPU with AVX-512 or
+    /// AMX, float32 on other CPUs.
     #[arg(long, env = "TESSERA_DTYPE", default_value = "float32")]
     pub dtype: String,
     /// cpu, cuda or cuda:N.
@@ -35,14 +36,17 @@ pub fn engine_config(args: &ModelArgs) -> Result<EngineConfig> {
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
+    let device = parse_device(&args.device)?;
+    let precision = resolve_precision(&args.dtype, device)?;
     Ok(EngineConfig {
-        kind: parse_kind(&args.dtype)?,
-        device: parse_device(&args.device)?,
+        kind: precision.kind,
+        device,
         block_size: args.block_size,
         num_blocks: 0,
         max_kv_tokens: args.kv_tokens,
         group: None,
         grouped_decode_attention: false,
+        small_batches_in_bf16: precision.small_batches_in_bf16,
     })
 }
 

@@ -13,6 +13,69 @@ pub fn parse_kind(name: &str) -> Result<Kind> {
     }
 }
 
+/// `parse_kind`, plus `auto`: the fastest dtype `device` computes in (see `auto_kind`).
+pub fn resolve_kind(name: &str, device: Device) -> Result<Kind> {
+    Ok(resolve_precision(name, device)?.kind)
+}
+
+/// The weights' dtype, and whether f32 weights keep bf16 copies for small batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Precision {
+    pub kind: Kind,
+    pub small_batches_in_bf16: bool,
+}
+
+/// `resolve_kind`; `auto` resolved to f32 on a CPU also keeps the int4 copies in bf16 for
+/// small batches, whose kernels are fast there (see `EngineConfig::small_batches_in_bf16`).
+/// An explicit `float32` stays exact.
+pub fn resolve_precision(name: &str, device: Device) -> Result<Precision> {
+    if name.eq_ignore_ascii_case("auto") {
+        let kind = auto_kind(device);
+        return Ok(Precision {
+            kind,
+            small_batches_in_bf16: device == Device::Cpu && kind == Kind::Float,
+        });
+    }
+    Ok(Precision {
+        kind: parse_kind(name)?,
+        small_batches_in_bf16: false,
+    })
+}
+
+/// bf16 on a GPU and on a CPU whose matmul kernels compute bf16 natively; f32 on other
+/// CPUs. libtorch's bf16 kernels on a CPU with AVX2 alone convert every element on the fly
+/// (its oneDNN path needs AVX-512), which measured 3x slower than f32 for a decode step of
+/// 32 rows and 5.5x slower in prefill on a 2-core AMD EPYC (`tessera-shard bench`).
+pub fn auto_kind(device: Device) -> Kind {
+    match device {
+        Device::Cpu if !cpu_computes_bf16() => Kind::Float,
+        _ => Kind::BFloat16,
+    }
+}
+
+/// Whether this CPU has the instructions libtorch's bf16 matmuls (oneDNN) run on: AVX-512
+/// BF16 (AMX machines have it too), or the AVX-512 set oneDNN emulates bf16 with (its
+/// refusal elsewhere: "bf16 path needs the cpu support avx_ne_convert or avx512bw,
+/// avx512vl and avx512dq"; AVX-NE-CONVERT alone is not checked, so such CPUs get f32).
+pub fn cpu_computes_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bf16")
+            || (std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512dq"))
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("bf16")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
 pub fn kind_name(kind: Kind) -> &'static str {
     match kind {
         Kind::BFloat16 => "bfloat16",
@@ -61,6 +124,50 @@ fn prefer_fused_attention_kernels() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_picks_bf16_on_gpus_and_on_cpus_that_compute_it() {
+        assert_eq!(
+            resolve_kind("auto", Device::Cuda(0)).unwrap(),
+            Kind::BFloat16
+        );
+        let cpu = if cpu_computes_bf16() {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        };
+        assert_eq!(resolve_kind("AUTO", Device::Cpu).unwrap(), cpu);
+        let auto = resolve_precision("auto", Device::Cpu).unwrap();
+        assert_eq!(auto.small_batches_in_bf16, cpu == Kind::Float);
+        assert!(
+            !resolve_precision("auto", Device::Cuda(0))
+                .unwrap()
+                .small_batches_in_bf16
+        );
+        assert!(
+            !resolve_precision("float32", Device::Cpu)
+                .unwrap()
+                .small_batches_in_bf16
+        );
+        assert_eq!(resolve_kind("float16", Device::Cpu).unwrap(), Kind::Half);
+        assert!(resolve_kind("automatic", Device::Cpu).is_err());
+    }
+
+    /// The CPUID check agrees with the flags the kernel reports in /proc/cpuinfo.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    #[test]
+    fn the_bf16_check_agrees_with_proc_cpuinfo() {
+        let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+            return;
+        };
+        let Some(flags) = info.lines().find(|l| l.starts_with("flags")) else {
+            return;
+        };
+        let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+        let expected = has("avx512_bf16")
+            || (has("avx512f") && has("avx512bw") && has("avx512vl") && has("avx512dq"));
+        assert_eq!(cpu_computes_bf16(), expected, "{flags}");
+    }
 
     #[test]
     fn parses_names() {

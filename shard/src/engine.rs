@@ -47,6 +47,11 @@ pub struct EngineConfig {
     /// Decode attention by gathering into padded groups and batched matmuls (what CUDA
     /// uses) even on the CPU, instead of the in-place kernel; for tests and comparisons.
     pub grouped_decode_attention: bool,
+    /// With f32 weights on the CPU, also keep the int4/int8 copies the reduced dtypes use
+    /// for decode steps of few rows, computing in bf16 (what `--dtype auto` does on a CPU
+    /// without native bf16: f32 for prefill and large batches, where libtorch's bf16
+    /// matmuls would be slow there, and the int4 kernels for one or a few streams).
+    pub small_batches_in_bf16: bool,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +64,7 @@ impl Default for EngineConfig {
             max_kv_tokens: 16_384,
             group: None,
             grouped_decode_attention: false,
+            small_batches_in_bf16: false,
         }
     }
 }
@@ -240,6 +246,7 @@ impl Engine {
             comm,
             config.kind,
             config.device,
+            config.small_batches_in_bf16,
         )?;
         drop(weights);
         crate::memory::release_free_memory();

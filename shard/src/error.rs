@@ -32,7 +32,7 @@ pub enum EngineError {
     },
     #[error("tensor {name}: unsupported dtype {dtype}")]
     UnsupportedDtype { name: String, dtype: String },
-    #[error("unsupported dtype {0:?} (expected float32, bfloat16 or float16)")]
+    #[error("unsupported dtype {0:?} (expected auto, float32, bfloat16 or float16)")]
     BadDtype(String),
     #[error("unsupported device {0:?} (expected cpu, cuda or cuda:N)")]
     BadDevice(String),

@@ -74,6 +74,7 @@ impl Llama {
         comm: Communicator,
         kind: Kind,
         device: Device,
+        small_batches_in_bf16: bool,
     ) -> Result<Self> {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
@@ -90,8 +91,11 @@ impl Llama {
             len: r.len() * scale,
         };
         // Compressed copies for small CPU batches, in reduced precision only (f32 stays
-        // exact for reference checks).
-        let compress = device == Device::Cpu && matches!(kind, Kind::BFloat16 | Kind::Half);
+        // exact for reference checks), unless f32 weights are asked to keep bf16 copies
+        // for small batches (`EngineConfig::small_batches_in_bf16`).
+        let reduced = matches!(kind, Kind::BFloat16 | Kind::Half);
+        let compress = device == Device::Cpu && (reduced || small_batches_in_bf16);
+        let compute = if reduced { kind } else { Kind::BFloat16 };
         let linear = |dense: Tensor, parts: &[(String, [usize; 2], Slice)]| -> Result<Linear> {
             let linear = Linear::dense(dense).with_packed(false);
             if !compress {
@@ -113,7 +117,7 @@ impl Llama {
                 }
             }
             match Int4Codes::concat(codes) {
-                Some(codes) => linear.with_int4(codes, kind),
+                Some(codes) => linear.with_int4(codes, compute),
                 None => Ok(linear),
             }
         };
@@ -188,7 +192,7 @@ impl Llama {
             },
         );
         let lm_head = if compress {
-            lm_head.with_int8()?
+            lm_head.with_int8_in(compute)?
         } else {
             lm_head
         };

@@ -209,3 +209,26 @@ fn bfloat16_compressed_path_keeps_the_reference_continuation() {
     let got = run_alone(&mut engine, request);
     assert_eq!(got, ids(&france["generated_ids"])[..8].to_vec());
 }
+
+/// f32 weights that keep bf16 int4/int8 copies for small batches (`--dtype auto` on a CPU
+/// without native bf16) decode through those copies; the greedy start of the France
+/// prompt must not change either.
+#[test]
+fn f32_with_bf16_small_batch_copies_keeps_the_reference_continuation() {
+    let reference = fixture("smollm2_gguf.json");
+    let france = &reference["prompts"][0];
+    let mut engine = tessera_shard::Engine::load(
+        &default_model(),
+        &tessera_shard::EngineConfig {
+            kind: tch::Kind::Float,
+            max_kv_tokens: 8192,
+            small_batches_in_bf16: true,
+            ..tessera_shard::EngineConfig::default()
+        },
+    )
+    .expect("loading the default model");
+    let mut blocks = allocator(&engine);
+    let request = greedy_request(&engine, &mut blocks, 0, ids(&france["prompt_ids"]), 8);
+    let got = run_alone(&mut engine, request);
+    assert_eq!(got, ids(&france["generated_ids"])[..8].to_vec());
+}
