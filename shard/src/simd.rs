@@ -1,12 +1,14 @@
-//! Plain-Rust kernels compiled a second time for AVX-512, chosen at run time.
+//! Plain-Rust kernels compiled again for AVX-512 and for AVX2, chosen at run time.
 //!
 //! The crate targets baseline x86-64 (SSE2), so that one binary runs on any x86-64
 //! processor, and the compiler vectorizes plain loops only 4 lanes wide. The hot loops
 //! of the norm, the rotary embedding and sampling are simple enough for the compiler
-//! to vectorize 16 lanes wide when AVX-512 is allowed: [`avx512_variant!`] compiles
-//! such a loop a second time inside a function with those features and calls that one
-//! when the processor has them. (The loop must be `#[inline(always)]`: a closure
-//! passed to a function with target features is not inlined into it.)
+//! to vectorize 16 lanes wide when AVX-512 is allowed, or 8 with AVX2:
+//! [`avx512_variant!`] compiles such a loop again inside functions with those features
+//! and calls the widest one the processor has. (The loop must be `#[inline(always)]`: a
+//! closure passed to a function with target features is not inlined into it.) Rust never
+//! contracts or reorders floating-point operations on its own, so every variant computes
+//! the same bits.
 
 /// Whether this processor has the AVX-512 subsets the kernels are compiled for.
 pub fn avx512() -> bool {
@@ -29,9 +31,27 @@ pub fn avx512() -> bool {
     }
 }
 
+/// Whether this processor has AVX2, FMA and F16C (x86-64-v3, without AVX-512): most AMD
+/// EPYC before Zen 4 and Intel's client processors.
+pub fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Defines `fn $name(args) -> R` (optionally generic over one parameter) that calls the
-/// `#[inline(always)]` function `$body` compiled for AVX-512 when [`avx512`] allows, and
-/// as is otherwise.
+/// `#[inline(always)]` function `$body` compiled for AVX-512 when [`avx512`] allows, for
+/// AVX2 when [`avx2`] does, and as is otherwise.
 #[macro_export]
 macro_rules! avx512_variant {
     (
@@ -45,9 +65,17 @@ macro_rules! avx512_variant {
                 unsafe fn wide $(<$g: $bound>)? ($($arg: $ty),*) $(-> $ret)? {
                     $body($($arg),*)
                 }
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn avx2 $(<$g: $bound>)? ($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
                 if $crate::simd::avx512() {
                     // SAFETY: `avx512` detected every feature `wide` is compiled for.
                     return unsafe { wide($($arg),*) };
+                }
+                if $crate::simd::avx2() {
+                    // SAFETY: `avx2` detected every feature `avx2` is compiled for.
+                    return unsafe { avx2($($arg),*) };
                 }
             }
             $body($($arg),*)

@@ -424,8 +424,20 @@ fn simd_sequence<T: PoolElement>(
     unreachable!("simd_available is false off x86_64")
 }
 
-/// One (sequence, KV head) in plain Rust.
-fn portable_head_group<T: PoolElement>(
+// One (sequence, KV head) in plain Rust, vectorized 8 lanes wide on AVX2 processors
+// (the AVX-512 ones take `avx512::sequence`).
+crate::avx512_variant!(fn portable_head_group<T: PoolElement>(
+    query: &[f32],
+    keys: &[T],
+    values: &[T],
+    rows: &[usize],
+    scores: &mut [f32],
+    out: &mut [f32],
+    widened: &mut [f32],
+) = portable_head_group_body);
+
+#[inline(always)]
+fn portable_head_group_body<T: PoolElement>(
     query: &[f32],
     keys: &[T],
     values: &[T],
