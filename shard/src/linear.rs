@@ -29,6 +29,7 @@ pub const INT4_GROUP: usize = 32;
 
 /// Quantization codes of a `[rows, cols]` weight: `w = (code - 8) * scale + zero`
 /// per group of [`INT4_GROUP`] columns.
+#[derive(Clone)]
 pub struct Int4Codes {
     pub rows: usize,
     pub cols: usize,
@@ -440,7 +441,7 @@ mod tests {
         };
         let xb = x.to_kind(Kind::BFloat16);
         let int4 = Linear::dense(w.to_kind(Kind::BFloat16))
-            .with_int4(c, Kind::BFloat16)
+            .with_int4(c.clone(), Kind::BFloat16)
             .unwrap();
         let y = int4.forward(&xb).unwrap().to_kind(Kind::Float);
         let err = (&y - &reference).abs().max().double_value(&[]);
@@ -456,17 +457,6 @@ mod tests {
         // f32 weights whose compressed copies compute in bf16 (`--dtype auto` on a CPU
         // without native bf16): f32 in, f32 out, within the same error for small batches;
         // larger batches use the dense f32 weight, exactly.
-        let c = Int4Codes {
-            rows,
-            cols,
-            codes: (0..rows * cols).map(|i| ((i * 7) % 16) as i32).collect(),
-            scales: (0..rows * cols / 32)
-                .map(|i| 0.01 + i as f32 * 1e-4)
-                .collect(),
-            zeros: (0..rows * cols / 32)
-                .map(|i| (i as f32 - 50.0) * 1e-3)
-                .collect(),
-        };
         let hybrid = Linear::dense(w.shallow_clone())
             .with_int4(c, Kind::BFloat16)
             .unwrap();

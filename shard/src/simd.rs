@@ -10,43 +10,30 @@
 //! contracts or reorders floating-point operations on its own, so every variant computes
 //! the same bits.
 
+/// Whether this x86-64 processor has every listed feature, detected once per call site.
+macro_rules! has_features {
+    ($($feature:tt),+) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            *DETECTED.get_or_init(|| true $(&& std::arch::is_x86_feature_detected!($feature))+)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }};
+}
+
 /// Whether this processor has the AVX-512 subsets the kernels are compiled for.
 pub fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-                && std::arch::is_x86_feature_detected!("avx512dq")
-                && std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    has_features!("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c")
 }
 
 /// Whether this processor has AVX2, FMA and F16C (x86-64-v3, without AVX-512): most AMD
 /// EPYC before Zen 4 and Intel's client processors.
 pub fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    has_features!("avx2", "fma", "f16c")
 }
 
 /// Defines `fn $name(args) -> R` (optionally generic over one parameter) that calls the
