@@ -451,9 +451,9 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Figures> {
     }
     Ok(Figures {
         model: path.display().to_string(),
-        dtype: if config.small_batches_in_bf16 {
+        dtype: if config.small_batch_copies {
             format!(
-                "{} (int4 copies in bf16 for small batches)",
+                "{} (int4/int8 copies for small batches)",
                 crate::device::kind_name(config.kind)
             )
         } else {

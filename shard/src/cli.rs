@@ -46,7 +46,7 @@ pub fn engine_config(args: &ModelArgs) -> Result<EngineConfig> {
         max_kv_tokens: args.kv_tokens,
         group: None,
         grouped_decode_attention: false,
-        small_batches_in_bf16: precision.small_batches_in_bf16,
+        small_batch_copies: precision.small_batch_copies,
     })
 }
 

@@ -18,27 +18,27 @@ pub fn resolve_kind(name: &str, device: Device) -> Result<Kind> {
     Ok(resolve_precision(name, device)?.kind)
 }
 
-/// The weights' dtype, and whether f32 weights keep bf16 copies for small batches.
+/// The weights' dtype, and whether f32 weights keep compressed copies for small batches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Precision {
     pub kind: Kind,
-    pub small_batches_in_bf16: bool,
+    pub small_batch_copies: bool,
 }
 
-/// `resolve_kind`; `auto` resolved to f32 on a CPU also keeps the int4 copies in bf16 for
-/// small batches, whose kernels are fast there (see `EngineConfig::small_batches_in_bf16`).
+/// `resolve_kind`; `auto` resolved to f32 on a CPU also keeps the int4/int8 copies for
+/// small batches, whose kernels are fast there (see `EngineConfig::small_batch_copies`).
 /// An explicit `float32` stays exact.
 pub fn resolve_precision(name: &str, device: Device) -> Result<Precision> {
     if name.eq_ignore_ascii_case("auto") {
         let kind = auto_kind(device);
         return Ok(Precision {
             kind,
-            small_batches_in_bf16: device == Device::Cpu && kind == Kind::Float,
+            small_batch_copies: device == Device::Cpu && kind == Kind::Float,
         });
     }
     Ok(Precision {
         kind: parse_kind(name)?,
-        small_batches_in_bf16: false,
+        small_batch_copies: false,
     })
 }
 
@@ -138,16 +138,16 @@ mod tests {
         };
         assert_eq!(resolve_kind("AUTO", Device::Cpu).unwrap(), cpu);
         let auto = resolve_precision("auto", Device::Cpu).unwrap();
-        assert_eq!(auto.small_batches_in_bf16, cpu == Kind::Float);
+        assert_eq!(auto.small_batch_copies, cpu == Kind::Float);
         assert!(
             !resolve_precision("auto", Device::Cuda(0))
                 .unwrap()
-                .small_batches_in_bf16
+                .small_batch_copies
         );
         assert!(
             !resolve_precision("float32", Device::Cpu)
                 .unwrap()
-                .small_batches_in_bf16
+                .small_batch_copies
         );
         assert_eq!(resolve_kind("float16", Device::Cpu).unwrap(), Kind::Half);
         assert!(resolve_kind("automatic", Device::Cpu).is_err());

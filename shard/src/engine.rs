@@ -48,10 +48,11 @@ pub struct EngineConfig {
     /// uses) even on the CPU, instead of the in-place kernel; for tests and comparisons.
     pub grouped_decode_attention: bool,
     /// With f32 weights on the CPU, also keep the int4/int8 copies the reduced dtypes use
-    /// for decode steps of few rows, computing in bf16 (what `--dtype auto` does on a CPU
-    /// without native bf16: f32 for prefill and large batches, where libtorch's bf16
-    /// matmuls would be slow there, and the int4 kernels for one or a few streams).
-    pub small_batches_in_bf16: bool,
+    /// for decode steps of few rows (what `--dtype auto` does on a CPU without native
+    /// bf16: f32 for prefill and large batches, where libtorch's bf16 matmuls would be
+    /// slow there, and the compressed kernels for one or a few streams: `quant_matmul`'s
+    /// integer ones on AVX2, libtorch's computing in bf16 elsewhere).
+    pub small_batch_copies: bool,
 }
 
 impl Default for EngineConfig {
@@ -64,7 +65,7 @@ impl Default for EngineConfig {
             max_kv_tokens: 16_384,
             group: None,
             grouped_decode_attention: false,
-            small_batches_in_bf16: false,
+            small_batch_copies: false,
         }
     }
 }
@@ -246,7 +247,7 @@ impl Engine {
             comm,
             config.kind,
             config.device,
-            config.small_batches_in_bf16,
+            config.small_batch_copies,
         )?;
         drop(weights);
         crate::memory::release_free_memory();

@@ -2,9 +2,10 @@
 //!
 //! Decoding a handful of sequences reads every weight once per token, so it is bound
 //! by memory traffic. For GGUF weights stored as Q4_0/Q4_1 the engine keeps, besides
-//! the dense weight, a lossless int4 group-wise copy (libtorch's
-//! `_weight_int4pack_mm_for_cpu`, groups of 32 with a scale and a zero point each,
-//! which is exactly Q4_0/Q4_1's format) and for the output head an int8 per-row copy;
+//! the dense weight, a lossless int4 group-wise copy (groups of 32 with a scale and a
+//! zero point each, which is exactly Q4_0/Q4_1's format: for `quant_matmul`'s AVX2
+//! kernel on processors without AVX-512 VNNI, for libtorch's
+//! `_weight_int4pack_mm_for_cpu` elsewhere) and for the output head an int8 copy;
 //! steps with at most [`SMALL_BATCH_ROWS`] rows use them, larger steps use the dense
 //! weight, whose matmuls are faster once the weight read is amortised. A dense bf16
 //! weight on the CPU is kept packed for oneDNN (see `packed_linear`).
@@ -158,8 +159,9 @@ impl Int4Codes {
 }
 
 enum Compressed {
-    /// 8-bit codes per block of 32, multiplied in integers with f32 sums (AVX-512 VNNI,
-    /// see `quant_matmul`); used up to [`QUANT_HEAD_ROWS`] rows.
+    /// 8-bit or 4-bit codes per block of 32, multiplied in integers with f32 sums (see
+    /// `quant_matmul`); used up to [`QUANT_HEAD_ROWS`] rows (8-bit, the output head) or
+    /// [`SMALL_BATCH_ROWS`] (4-bit).
     Quant(QuantWeight),
     Int4 {
         packed: Tensor,
@@ -207,8 +209,21 @@ impl Linear {
         self
     }
 
-    /// Adds the int4 copy made from `codes` (activations of `kind`, CPU only).
+    /// Adds the int4 copy made from `codes` (CPU only): for `quant_matmul`'s kernel on
+    /// AVX2 processors (see `quant_matmul::q4_preferred`), otherwise for libtorch's int4
+    /// kernel, with activations of `kind`.
     pub fn with_int4(mut self, codes: Int4Codes, kind: Kind) -> Result<Self> {
+        if quant_matmul::q4_preferred() {
+            let weight = QuantWeight::from_q4(
+                codes.rows,
+                codes.cols,
+                &codes.codes,
+                &codes.scales,
+                &codes.zeros,
+            )?;
+            self.compressed = Some(Compressed::Quant(weight));
+            return Ok(self);
+        }
         let (rows, cols) = (codes.rows as i64, codes.cols as i64);
         let groups = cols / INT4_GROUP as i64;
         let packed = Tensor::f_from_slice(&codes.codes)?
@@ -227,8 +242,8 @@ impl Linear {
         Ok(self)
     }
 
-    /// Adds an int8 copy (CPU only; for the output head): with AVX-512 VNNI, 8-bit codes
-    /// per block of 32 for `quant_matmul`, whose f32 results keep the logits precise;
+    /// Adds an int8 copy (CPU only; for the output head): with AVX-512 VNNI or AVX2, 8-bit
+    /// codes per block of 32 for `quant_matmul`, whose f32 results keep the logits precise;
     /// otherwise one scale per output row for libtorch's `_weight_int8pack_mm`. Quantizes
     /// a band of rows at a time so that no full-size f32 copy of the weight is ever made.
     pub fn with_int8(self) -> Result<Self> {
@@ -239,7 +254,7 @@ impl Linear {
     /// `with_int8` whose libtorch kernel takes activations of `kind` (bf16 beside f32
     /// weights: see `forward`).
     pub fn with_int8_in(mut self, kind: Kind) -> Result<Self> {
-        if quant_matmul::available() {
+        if quant_matmul::q8_accelerated() {
             self.compressed = Some(Compressed::Quant(QuantWeight::from_dense_q8(&self.dense)?));
             return Ok(self);
         }
@@ -271,7 +286,7 @@ impl Linear {
     pub fn forward_f32(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.size().first().copied().unwrap_or(0);
         match &self.compressed {
-            Some(Compressed::Quant(weight)) if rows <= QUANT_HEAD_ROWS => weight.matmul_f32(x),
+            Some(Compressed::Quant(weight)) if rows <= quant_rows(weight) => weight.matmul_f32(x),
             _ => Ok(self.forward(x)?.f_to_kind(Kind::Float)?),
         }
     }
@@ -279,7 +294,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.size().first().copied().unwrap_or(0);
         match &self.compressed {
-            Some(Compressed::Quant(weight)) if rows <= QUANT_HEAD_ROWS => weight.matmul(x),
+            Some(Compressed::Quant(weight)) if rows <= quant_rows(weight) => weight.matmul(x),
             Some(Compressed::Int4 {
                 packed,
                 scales_zeros,
@@ -296,6 +311,14 @@ impl Linear {
                 None => Ok(x.f_linear::<Tensor>(&self.dense, None)?),
             },
         }
+    }
+}
+
+/// The most rows a step may have to use `weight` rather than the dense weight.
+fn quant_rows(weight: &QuantWeight) -> i64 {
+    match weight.bits() {
+        quant_matmul::Bits::Eight => QUANT_HEAD_ROWS,
+        quant_matmul::Bits::Four => SMALL_BATCH_ROWS,
     }
 }
 

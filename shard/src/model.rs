@@ -74,7 +74,7 @@ impl Llama {
         comm: Communicator,
         kind: Kind,
         device: Device,
-        small_batches_in_bf16: bool,
+        small_batch_copies: bool,
     ) -> Result<Self> {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
@@ -91,10 +91,11 @@ impl Llama {
             len: r.len() * scale,
         };
         // Compressed copies for small CPU batches, in reduced precision only (f32 stays
-        // exact for reference checks), unless f32 weights are asked to keep bf16 copies
-        // for small batches (`EngineConfig::small_batches_in_bf16`).
+        // exact for reference checks), unless f32 weights are asked to keep such copies
+        // for small batches (`EngineConfig::small_batch_copies`); libtorch's kernels
+        // then compute in bf16.
         let reduced = matches!(kind, Kind::BFloat16 | Kind::Half);
-        let compress = device == Device::Cpu && (reduced || small_batches_in_bf16);
+        let compress = device == Device::Cpu && (reduced || small_batch_copies);
         let compute = if reduced { kind } else { Kind::BFloat16 };
         let linear = |dense: Tensor, parts: &[(String, [usize; 2], Slice)]| -> Result<Linear> {
             let linear = Linear::dense(dense).with_packed(false);

@@ -1,24 +1,31 @@
-//! The output head on the CPU as 8-bit blocks, multiplied in integers with f32 results.
+//! Weights on the CPU as 8-bit or 4-bit blocks, multiplied in integers with f32 results.
 //!
-//! The output head is the model's largest matrix (vocabulary × hidden) and the last
-//! product of every step. This module keeps it as blocks of [`BLOCK`] unsigned 8-bit
-//! codes with a scale and an offset per block (`w = scale * code + offset`, the offset
-//! being `-128 * scale`: symmetric int8 per block). The activations of the step are
-//! quantized to signed 8 bits per block of 32 (one scale per block), and each block's
-//! dot product is summed in 32-bit integers with AVX-512 VNNI (`vpdpbusd`: 64 byte
-//! products per instruction) before its two scales are applied:
+//! A weight is kept as blocks of [`BLOCK`] unsigned codes along each row, with a scale
+//! and an offset per block (`w = scale * code + offset`):
+//!
+//! - 8-bit codes ([`Bits::Eight`], made from a dense weight, for the output head, the
+//!   model's largest matrix and the last product of every step): the offset is
+//!   `-128 * scale`, i.e. symmetric int8 per block;
+//! - 4-bit codes ([`Bits::Four`], taken as they are from a GGUF file's Q4_0/Q4_1 blocks,
+//!   for the layers' projections on AVX2 processors): the offset is Q4_1's minimum
+//!   (`-8 * scale` for Q4_0), so the copy is lossless.
+//!
+//! The activations of the step are quantized to signed 8 bits per block of 32 (one scale
+//! per block), and each block's dot product is summed in 32-bit integers (AVX-512 VNNI's
+//! `vpdpbusd`, 64 byte products per instruction, or AVX2's `vpmaddubsw`, 32) before its
+//! two scales are applied:
 //!
 //! `y[b, r] = Σ_k scale[r,k] · xscale[b,k] · Σ_i code[r,k,i] · xq[b,k,i] + Σ_k offset[r,k] · xscale[b,k] · Σ_i xq[b,k,i]`
 //!
-//! (the scheme of llama.cpp's Q8_0 × Q8_0 dot products). The sums stay f32 to the end,
+//! (the scheme of llama.cpp's Q8_0 × Q8_0 and Q4_1 × Q8_1 dot products). The sums stay f32 to the end,
 //! so in bf16 the logits keep the precision that bf16 outputs would lose: logits near 20
 //! round to steps of 0.125 in bf16, enough to tie or swap the two best tokens of an
 //! uncertain step. Every output element is computed the same way whatever the batch, so
 //! results do not depend on which other sequences share the step. Rows are spread over
 //! libtorch's threads (see `parallel`).
 //!
-//! [`available`] says whether this processor has the instructions; without them the
-//! engine keeps libtorch's int8 kernel.
+//! [`q8_accelerated`] and [`q4_preferred`] say whether this processor has the
+//! instructions; without them the engine keeps libtorch's int8 and int4 kernels.
 
 use half::{bf16, f16};
 
@@ -29,13 +36,15 @@ use crate::error::{EngineError, Result};
 use crate::parallel;
 
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 
 /// Elements per quantization block, of weights and of activations alike.
 pub const BLOCK: usize = 32;
 
-/// Whether the integer kernel runs on this processor (AVX-512 with VNNI).
-pub fn available() -> bool {
+/// Whether the AVX-512 VNNI kernel runs on this processor.
+fn vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -49,13 +58,48 @@ pub fn available() -> bool {
     }
 }
 
+/// Whether 8-bit weights have a vector kernel here (AVX-512 VNNI, or AVX2 with FMA and
+/// F16C), faster than libtorch's per-row int8 kernel.
+pub fn q8_accelerated() -> bool {
+    vnni() || crate::simd::avx2()
+}
+
+/// Whether 4-bit weights should use this module's kernel rather than libtorch's int4
+/// one: on AVX2 processors without AVX-512 VNNI, where libtorch's kernel measured about
+/// 2x slower at one to eight rows (see the README). With AVX-512, libtorch's kernel is
+/// kept.
+pub fn q4_preferred() -> bool {
+    crate::simd::avx2() && !vnni()
+}
+
+/// How many bits each code takes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Bits {
+    /// One byte per code, 1..=255 (128 is zero).
+    Eight,
+    /// Two codes per byte, 0..=15: byte `j` of a block holds element `j` in its low
+    /// nibble and element `j + 16` in its high one (GGUF's Q4 layout).
+    Four,
+}
+
+impl Bits {
+    /// Bytes of codes per block.
+    const fn block_bytes(self) -> usize {
+        match self {
+            Bits::Eight => BLOCK,
+            Bits::Four => BLOCK / 2,
+        }
+    }
+}
+
 /// A `[rows, cols]` weight as quantized blocks along each row.
 pub struct QuantWeight {
+    bits: Bits,
     rows: usize,
     cols: usize,
     /// Blocks per row, padded to an even count (the padding has zero scale and offset).
     blocks: usize,
-    /// `rows * blocks * BLOCK` codes.
+    /// `rows * blocks * bits.block_bytes()` codes.
     codes: Vec<u8>,
     /// `rows * blocks` scales and offsets, in half precision to keep the bytes streamed
     /// per step down.
@@ -124,6 +168,7 @@ impl QuantWeight {
             start += len;
         }
         Ok(Self {
+            bits: Bits::Eight,
             rows,
             cols,
             blocks,
@@ -131,6 +176,62 @@ impl QuantWeight {
             scales,
             offsets,
         })
+    }
+
+    /// A 4-bit weight from codes in 0..16 (`rows * cols`, row-major) with one scale and
+    /// zero per group of 32 columns (`w = (code - 8) * scale + zero`, the form of
+    /// `linear::Int4Codes`). Scales and offsets are kept in half precision, which holds
+    /// GGUF's Q4_0/Q4_1 values exactly.
+    pub fn from_q4(
+        rows: usize,
+        cols: usize,
+        codes: &[i32],
+        scales: &[f32],
+        zeros: &[f32],
+    ) -> Result<Self> {
+        let groups = cols / BLOCK;
+        if !cols.is_multiple_of(BLOCK)
+            || codes.len() != rows * cols
+            || scales.len() != rows * groups
+            || zeros.len() != rows * groups
+        {
+            return Err(quantize_error(format!(
+                "4-bit codes for a [{rows}, {cols}] weight do not match its groups of {BLOCK}"
+            )));
+        }
+        let blocks = padded_blocks(cols);
+        let half = BLOCK / 2;
+        let mut packed = vec![0u8; rows * blocks * half];
+        let mut block_scales = vec![f16::ZERO; rows * blocks];
+        let mut offsets = vec![f16::ZERO; rows * blocks];
+        for r in 0..rows {
+            for k in 0..groups {
+                let group = &codes[r * cols + k * BLOCK..r * cols + (k + 1) * BLOCK];
+                if let Some(bad) = group.iter().find(|c| !(0..16).contains(*c)) {
+                    return Err(quantize_error(format!("4-bit code {bad} out of 0..16")));
+                }
+                let dst = &mut packed[(r * blocks + k) * half..(r * blocks + k + 1) * half];
+                for (j, byte) in dst.iter_mut().enumerate() {
+                    *byte = (group[j] as u8) | ((group[j + half] as u8) << 4);
+                }
+                let (scale, zero) = (scales[r * groups + k], zeros[r * groups + k]);
+                block_scales[r * blocks + k] = f16::from_f32(scale);
+                offsets[r * blocks + k] = f16::from_f32(zero - 8.0 * scale);
+            }
+        }
+        Ok(Self {
+            bits: Bits::Four,
+            rows,
+            cols,
+            blocks,
+            codes: packed,
+            scales: block_scales,
+            offsets,
+        })
+    }
+
+    pub fn bits(&self) -> Bits {
+        self.bits
     }
 
     pub fn rows(&self) -> usize {
@@ -143,7 +244,19 @@ impl QuantWeight {
 
     /// The code of row `r`, column `c`.
     fn code(&self, r: usize, c: usize) -> u8 {
-        self.codes[(r * self.blocks + c / BLOCK) * BLOCK + c % BLOCK]
+        let block = (r * self.blocks + c / BLOCK) * self.bits.block_bytes();
+        match self.bits {
+            Bits::Eight => self.codes[block + c % BLOCK],
+            Bits::Four => {
+                let j = c % BLOCK;
+                let byte = self.codes[block + j % (BLOCK / 2)];
+                if j < BLOCK / 2 {
+                    byte & 0x0f
+                } else {
+                    byte >> 4
+                }
+            }
+        }
     }
 
     /// The weight as it is represented, `[rows, cols]` f32 (for tests and checks).
@@ -196,11 +309,11 @@ impl QuantWeight {
             [batch as i64, self.rows as i64],
             (out_kind, tch::Device::Cpu),
         )?;
-        let simd = implementation == Implementation::Best && available();
+        let kernel = self.kernel(implementation);
         let acts = match x.kind() {
-            Kind::BFloat16 => Activations::quantize(slice_of::<bf16>(&x)?, batch, self, simd),
-            Kind::Half => Activations::quantize(slice_of::<f16>(&x)?, batch, self, simd),
-            Kind::Float => Activations::quantize(slice_of::<f32>(&x)?, batch, self, simd),
+            Kind::BFloat16 => Activations::quantize(slice_of::<bf16>(&x)?, batch, self, kernel),
+            Kind::Half => Activations::quantize(slice_of::<f16>(&x)?, batch, self, kernel),
+            Kind::Float => Activations::quantize(slice_of::<f32>(&x)?, batch, self, kernel),
             other => {
                 return Err(quantize_error(format!(
                     "unsupported activation kind {other:?}"
@@ -208,15 +321,25 @@ impl QuantWeight {
             }
         };
         match out_kind {
-            Kind::BFloat16 => self.run::<bf16>(&acts, &out, simd)?,
-            Kind::Half => self.run::<f16>(&acts, &out, simd)?,
-            _ => self.run::<f32>(&acts, &out, simd)?,
+            Kind::BFloat16 => self.run::<bf16>(&acts, &out, kernel)?,
+            Kind::Half => self.run::<f16>(&acts, &out, kernel)?,
+            _ => self.run::<f32>(&acts, &out, kernel)?,
         }
         Ok(out)
     }
 
+    /// The kernel that `implementation` runs on this processor for these codes.
+    fn kernel(&self, implementation: Implementation) -> Kernel {
+        let avx2 = crate::simd::avx2();
+        match implementation {
+            Implementation::Best if self.bits == Bits::Eight && vnni() => Kernel::Avx512Vnni,
+            Implementation::Best | Implementation::Avx2 if avx2 => Kernel::Avx2,
+            _ => Kernel::Portable,
+        }
+    }
+
     /// Computes the product into `out` (`[batch, rows]`, contiguous, of `T`).
-    fn run<T: Element>(&self, acts: &Activations, out: &Tensor, simd: bool) -> Result<()> {
+    fn run<T: Element>(&self, acts: &Activations, out: &Tensor, kernel: Kernel) -> Result<()> {
         let batch = acts.batch;
         let len = batch * self.rows;
         let ptr = out.data_ptr() as *mut T;
@@ -233,28 +356,41 @@ impl QuantWeight {
         let rows = self.rows;
         parallel::for_each(tasks, &|t| {
             let span = t * chunk..((t + 1) * chunk).min(rows);
-            if simd {
+            match kernel {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `available()` checked the instructions; the weight, the
+                // SAFETY: `kernel()` checked the instructions; the weight, the
                 // activations and `sink` (`batch * rows` elements) agree in shape.
-                unsafe {
-                    avx512::rows(self, acts, span.clone(), &sink)
-                };
-            } else {
-                portable_rows(self, acts, span, &sink);
+                Kernel::Avx512Vnni => unsafe { avx512::rows(self, acts, span, &sink) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                Kernel::Avx2 => unsafe { avx2::rows(self, acts, span, &sink) },
+                _ => portable_rows(self, acts, span, &sink),
             }
         })
         .map_err(|e| quantize_error(e.to_string()))
     }
 }
 
-/// Which implementation computes the rows.
+/// Which implementation a caller asks for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Implementation {
-    /// AVX-512 VNNI where available, else portable.
+    /// The fastest kernel this processor has for the weight's codes.
     Best,
-    /// The portable loop only (tests compare the two).
+    /// The AVX2 kernel where available, else portable (tests compare them all).
     #[cfg_attr(not(test), allow(dead_code))]
+    Avx2,
+    /// The portable loop only.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Portable,
+}
+
+/// The kernel that computes the rows.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kernel {
+    /// AVX-512 VNNI, 8-bit codes only.
+    Avx512Vnni,
+    /// AVX2 with FMA and F16C, both code widths.
+    Avx2,
     Portable,
 }
 
@@ -272,7 +408,7 @@ struct Activations {
 }
 
 impl Activations {
-    fn quantize<T: Element>(x: &[T], batch: usize, weight: &QuantWeight, simd: bool) -> Self {
+    fn quantize<T: Element>(x: &[T], batch: usize, weight: &QuantWeight, kernel: Kernel) -> Self {
         let (cols, blocks) = (weight.cols, weight.blocks);
         let mut acts = Self {
             batch,
@@ -293,8 +429,8 @@ impl Activations {
                 let at = (b * blocks + k) * BLOCK;
                 let dst = &mut acts.codes[at..at + BLOCK];
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `simd` is only set where `available()` holds.
-                let (scale, sum) = if simd {
+                // SAFETY: the AVX-512 kernel is only chosen where its instructions are.
+                let (scale, sum) = if kernel == Kernel::Avx512Vnni {
                     unsafe { avx512::quantize_block(&row, dst) }
                 } else {
                     quantize_block(&row, dst)
@@ -480,10 +616,74 @@ mod tests {
                 let portable = run(&w, &x, batch, Kind::Float, Implementation::Portable, None);
                 // int8 weights and activations: about 1% of the largest output.
                 assert_close(&portable, &want, 0.02);
-                let best = run(&w, &x, batch, Kind::Float, Implementation::Best, None);
-                assert_close(&best, &portable, 1e-5);
+                for imp in [Implementation::Best, Implementation::Avx2] {
+                    let fast = run(&w, &x, batch, Kind::Float, imp, None);
+                    assert_close(&fast, &portable, 1e-5);
+                }
             }
         }
+    }
+
+    /// A 4-bit weight as GGUF's Q4_1 stores it (half-precision scales and minimums), and
+    /// its dense values.
+    fn q4_weight(rows: usize, cols: usize, seed: u64) -> (QuantWeight, Vec<f32>) {
+        let groups = rows * cols / BLOCK;
+        let noise = values(rows * cols + 2 * groups, seed);
+        let codes: Vec<i32> = noise[..rows * cols]
+            .iter()
+            .map(|v| ((v + 1.0) * 8.0).clamp(0.0, 15.0) as i32)
+            .collect();
+        let round = |v: f32| f16::from_f32(v).to_f32();
+        let scales: Vec<f32> = noise[rows * cols..rows * cols + groups]
+            .iter()
+            .map(|v| round(0.01 + 0.05 * v.abs()))
+            .collect();
+        let mins: Vec<f32> = noise[rows * cols + groups..]
+            .iter()
+            .map(|v| round(-0.4 * v.abs()))
+            .collect();
+        // Q4_1's `q * d + m` as `(q - 8) * d + (m + 8 d)`, the way the GGUF reader gives it.
+        let zeros: Vec<f32> = mins.iter().zip(&scales).map(|(m, d)| m + 8.0 * d).collect();
+        let dense = (0..rows * cols)
+            .map(|i| {
+                let g = i / BLOCK;
+                codes[i] as f32 * scales[g] + mins[g]
+            })
+            .collect();
+        let w = QuantWeight::from_q4(rows, cols, &codes, &scales, &zeros).unwrap();
+        (w, dense)
+    }
+
+    #[test]
+    fn four_bit_weights_keep_their_values_and_multiply_like_the_dense_weight() {
+        for (rows, cols) in [(40, 96), (13, 64), (65, 576)] {
+            let (w, dense) = q4_weight(rows, cols, rows as u64);
+            assert_eq!(w.bits(), Bits::Four);
+            assert_eq!(w.dequantize(), dense, "the copy is lossless");
+            for batch in [1, 2, 3, 5, 8] {
+                let x = values(batch * cols, batch as u64 + 3);
+                let want = dense_product(&dense, &x, rows, cols, batch);
+                let portable = run(&w, &x, batch, Kind::Float, Implementation::Portable, None);
+                // Only the activations are quantized (8 bits): about 1% of the largest output.
+                assert_close(&portable, &want, 0.02);
+                for imp in [Implementation::Best, Implementation::Avx2] {
+                    let fast = run(&w, &x, batch, Kind::Float, imp, None);
+                    assert_close(&fast, &portable, 1e-5);
+                }
+                let bf16 = run(&w, &x, batch, Kind::BFloat16, Implementation::Best, None);
+                assert_close(&bf16, &want, 0.03);
+            }
+        }
+    }
+
+    #[test]
+    fn four_bit_codes_out_of_range_or_misshapen_are_errors() {
+        let ones = vec![1f32; 2];
+        assert!(QuantWeight::from_q4(2, 32, &[16; 64], &ones, &ones).is_err());
+        assert!(QuantWeight::from_q4(2, 32, &[-1; 64], &ones, &ones).is_err());
+        assert!(QuantWeight::from_q4(2, 48, &[0; 96], &ones, &ones).is_err());
+        assert!(QuantWeight::from_q4(2, 32, &[0; 63], &ones, &ones).is_err());
+        assert!(QuantWeight::from_q4(2, 32, &[0; 64], &ones, &ones).is_ok());
     }
 
     #[test]
@@ -544,8 +744,8 @@ mod tests {
             let (mut a, mut b) = ([0i8; BLOCK], [0i8; BLOCK]);
             let scalar = quantize_block(&row, &mut a);
             #[cfg(target_arch = "x86_64")]
-            if available() {
-                // SAFETY: `available()` holds.
+            if vnni() {
+                // SAFETY: `vnni()` holds.
                 let vector = unsafe { avx512::quantize_block(&row, &mut b) };
                 assert_eq!(scalar, vector);
                 assert_eq!(a, b);
@@ -600,6 +800,59 @@ mod tests {
                 "batch {batch}: vnni q8 {:.2} ms, libtorch int8 {:.2} ms, dense bf16 {:.2} ms (medians of 11)",
                 a[5], b[5], c[5]
             );
+        }
+    }
+
+    /// Times SmolLM2's projections as 4-bit weights in this module's kernel against
+    /// libtorch's int4 kernel (bf16 activations, as the engine gives it f32 weights' small
+    /// batches), interleaved: `cargo test --release -p tessera-shard --lib
+    /// quant_matmul::tests::q4_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn q4_timing() {
+        for (name, rows, cols) in [
+            ("qkv", 960usize, 576usize),
+            ("o", 576, 576),
+            ("gate_up", 3072, 576),
+            ("down", 576, 1536),
+        ] {
+            let (ours, _) = q4_weight(rows, cols, 1);
+            let codes: Vec<i32> = (0..rows * cols)
+                .map(|i| ours.code(i / cols, i % cols) as i32)
+                .collect();
+            let groups = (cols / BLOCK) as i64;
+            let packed = Tensor::from_slice(&codes)
+                .view([rows as i64, cols as i64])
+                .internal_convert_weight_to_int4pack_for_cpu(2);
+            let scales = Tensor::ones([rows as i64, groups], (Kind::Float, tch::Device::Cpu));
+            let scales_zeros = Tensor::stack(&[scales.tr(), scales.tr()], -1)
+                .to_kind(Kind::BFloat16)
+                .contiguous();
+            for batch in [1usize, 4, 8] {
+                let x =
+                    Tensor::from_slice(&values(batch * cols, 5)).view([batch as i64, cols as i64]);
+                let xb = x.to_kind(Kind::BFloat16);
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                let time = |f: &dyn Fn()| {
+                    let t = std::time::Instant::now();
+                    for _ in 0..20 {
+                        f();
+                    }
+                    t.elapsed().as_secs_f64() * 1e3 / 20.0
+                };
+                for _ in 0..11 {
+                    a.push(time(&|| drop(ours.matmul(&x).unwrap())));
+                    b.push(time(&|| {
+                        drop(xb.internal_weight_int4pack_mm_for_cpu(&packed, 32, &scales_zeros))
+                    }));
+                }
+                a.sort_by(f64::total_cmp);
+                b.sort_by(f64::total_cmp);
+                println!(
+                    "{name} [{rows}x{cols}] batch {batch}: ours {:.3} ms, libtorch int4 {:.3} ms (medians of 11)",
+                    a[5], b[5]
+                );
+            }
         }
     }
 
