@@ -33,21 +33,18 @@ fn wait(timeout: Duration, what: &str, procs: &mut [&mut Proc], mut check: impl 
     }
 }
 
-#[test]
-fn killed_shard_ends_streams_with_an_error_and_the_router_stays_up() {
+/// Starts `tessera-shard serve` on the default model with `shard_args`, and a router
+/// on it; returns both once /health is 200, and the router's port.
+fn start_shard_and_router(shard_args: &[&str]) -> (Proc, Proc, u16) {
     let uds = unique_tmp("shard");
     let socket = format!("{}-0", uds.display());
-    let mut shard = Proc::start(
-        "tessera-shard",
-        &bin("tessera-shard"),
-        &[
-            "serve".into(),
-            "--uds-path".into(),
-            uds.display().to_string(),
-            "--dtype".into(),
-            "bfloat16".into(),
-        ],
-    );
+    let mut args = vec![
+        "serve".to_string(),
+        "--uds-path".into(),
+        uds.display().to_string(),
+    ];
+    args.extend(shard_args.iter().map(|a| a.to_string()));
+    let mut shard = Proc::start("tessera-shard", &bin("tessera-shard"), &args);
     wait(
         Duration::from_secs(120),
         "the shard socket",
@@ -67,7 +64,6 @@ fn killed_shard_ends_streams_with_an_error_and_the_router_stays_up() {
             port.to_string(),
         ],
     );
-    let http = Http::new(port).with_timeout(Duration::from_secs(30));
     let probe = Http::new(port).with_timeout(Duration::from_secs(5));
     wait(
         Duration::from_secs(120),
@@ -81,6 +77,51 @@ fn killed_shard_ends_streams_with_an_error_and_the_router_stays_up() {
                 .is_ok_and(|r| r.status().as_u16() == 200)
         },
     );
+    (shard, router, port)
+}
+
+/// The shard runs every libtorch operator on its engine thread, loading the model
+/// included. libgomp keeps one OpenMP pool per thread that starts parallel work, and
+/// once its pools hold more threads than there are cores, idle workers sleep between
+/// operators instead of spinning: the pool that loading on the main thread left behind
+/// made one stream's decode steps 2.5x slower on a 2-core machine. OpenMP workers take
+/// the name of the thread that created them, so the only thread named like the process
+/// must be its main thread, and the engine's workers must be named after the engine.
+/// (`--threads` is left at its default, one per core: setting it also starts libtorch's
+/// pthreadpool, whose idle worker would bear the process's name.)
+#[cfg(target_os = "linux")]
+#[test]
+fn the_shard_keeps_one_openmp_pool_on_its_engine_thread() {
+    let (shard, _router, port) = start_shard_and_router(&["--dtype", "auto"]);
+    let http = Http::new(port).with_timeout(Duration::from_secs(60));
+    let (status, answer) = http.post_json(
+        "/generate",
+        &json!({"inputs": "The capital of France is", "parameters": {"max_new_tokens": 4}}),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", shard.pid())).unwrap();
+    let names: Vec<String> = tasks
+        .map(|task| {
+            let comm = task.unwrap().path().join("comm");
+            std::fs::read_to_string(comm).unwrap().trim().to_string()
+        })
+        .collect();
+    let count = |name: &str| names.iter().filter(|n| *n == name).count();
+    assert_eq!(count("tessera-shard"), 1, "threads: {names:?}");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores > 1 {
+        assert!(
+            count("engine") >= 2,
+            "the engine and its OpenMP workers: {names:?}"
+        );
+    }
+}
+
+#[test]
+fn killed_shard_ends_streams_with_an_error_and_the_router_stays_up() {
+    let (shard, mut router, port) = start_shard_and_router(&["--dtype", "bfloat16"]);
+    let http = Http::new(port).with_timeout(Duration::from_secs(30));
+    let probe = Http::new(port).with_timeout(Duration::from_secs(5));
 
     let long = json!({"inputs": "Once upon a time", "parameters": {
         "max_new_tokens": 3000, "ignore_eos": true}});
