@@ -605,21 +605,37 @@ mod tests {
         assert!(zero.dequantize().iter().all(|&v| v == 0.0));
     }
 
+    /// Multiplies `w` (whose dense values are `dense`) by a random batch in every
+    /// implementation: the portable loop must be within `tolerance` of the dense product,
+    /// the vector kernels within 1e-5 of the portable loop. Returns the input and the
+    /// dense product.
+    fn check_implementations(
+        w: &QuantWeight,
+        dense: &[f32],
+        batch: usize,
+        seed: u64,
+        tolerance: f32,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (rows, cols) = (w.rows(), w.cols());
+        let x = values(batch * cols, seed);
+        let want = dense_product(dense, &x, rows, cols, batch);
+        let portable = run(w, &x, batch, Kind::Float, Implementation::Portable, None);
+        assert_close(&portable, &want, tolerance);
+        for imp in [Implementation::Best, Implementation::Avx2] {
+            let fast = run(w, &x, batch, Kind::Float, imp, None);
+            assert_close(&fast, &portable, 1e-5);
+        }
+        (x, want)
+    }
+
     #[test]
-    fn products_match_the_dense_product_in_both_implementations() {
+    fn products_match_the_dense_product_in_every_implementation() {
         // 3 blocks (padded to 4), 5 blocks of which the last is partial, 18 blocks.
         for (rows, cols) in [(40, 96), (17, 150), (65, 576)] {
             let (w, dense) = weight(rows, cols, rows as u64);
             for batch in [1, 2, 3, 5, 8, 13] {
-                let x = values(batch * cols, batch as u64 + 7);
-                let want = dense_product(&dense, &x, rows, cols, batch);
-                let portable = run(&w, &x, batch, Kind::Float, Implementation::Portable, None);
                 // int8 weights and activations: about 1% of the largest output.
-                assert_close(&portable, &want, 0.02);
-                for imp in [Implementation::Best, Implementation::Avx2] {
-                    let fast = run(&w, &x, batch, Kind::Float, imp, None);
-                    assert_close(&fast, &portable, 1e-5);
-                }
+                check_implementations(&w, &dense, batch, batch as u64 + 7, 0.02);
             }
         }
     }
@@ -661,15 +677,8 @@ mod tests {
             assert_eq!(w.bits(), Bits::Four);
             assert_eq!(w.dequantize(), dense, "the copy is lossless");
             for batch in [1, 2, 3, 5, 8] {
-                let x = values(batch * cols, batch as u64 + 3);
-                let want = dense_product(&dense, &x, rows, cols, batch);
-                let portable = run(&w, &x, batch, Kind::Float, Implementation::Portable, None);
                 // Only the activations are quantized (8 bits): about 1% of the largest output.
-                assert_close(&portable, &want, 0.02);
-                for imp in [Implementation::Best, Implementation::Avx2] {
-                    let fast = run(&w, &x, batch, Kind::Float, imp, None);
-                    assert_close(&fast, &portable, 1e-5);
-                }
+                let (x, want) = check_implementations(&w, &dense, batch, batch as u64 + 3, 0.02);
                 let bf16 = run(&w, &x, batch, Kind::BFloat16, Implementation::Best, None);
                 assert_close(&bf16, &want, 0.03);
             }
