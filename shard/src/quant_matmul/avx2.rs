@@ -1,15 +1,11 @@
-//! The AVX2 kernel: one block (32 codes) per step, its byte products summed in pairs by
-//! `vpmaddubsw` (unsigned × signed bytes into 16-bit sums) and then in fours by
-//! `vpmaddwd` into 8 lanes of 32 bits, converted to f32 and scaled by the two blocks'
-//! scales; in tiles of up to 4 weight rows by 2 sequences.
-//!
-//! `vpmaddubsw` saturates at 16 bits, so each code width keeps its pair sums in range:
-//! 4-bit codes (0..15) times activation codes (-127..127) sum to at most 3,810 per pair;
-//! 8-bit codes are made signed (`code - 128`, -127..127) and their magnitude is
-//! multiplied by the activation carrying their sign (`vpsignb`), at most 32,258 per
-//! pair. The 8-bit product is then `Σ (code - 128) · xq` directly, which already
-//! includes the offset (`-128 · scale`); 4-bit weights add their offsets' share after
-//! the blocks.
+//! The AVX2 kernel: one block (32 codes) per step. The weight's codes are widened to 16
+//! bits (8-bit codes made signed first, `code - 128`) and multiplied by the activations'
+//! 16-bit codes with `vpmaddwd` (pairs of 16-bit products summed into 32 bits, at most
+//! 2 · 128 · 32,767 per pair), the block's two halves added into 8 lanes, converted to
+//! f32 and scaled by the two blocks' scales; in tiles of up to 4 weight rows by 2
+//! sequences. The 8-bit product is then `Σ (code - 128) · xq` directly, which already
+//! includes the offset (`-128 · scale`); 4-bit weights add their offsets' share after the
+//! blocks.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -17,7 +13,8 @@ use std::ops::Range;
 use super::{Activations, Bits, Element, QuantWeight, Sink, BLOCK};
 
 /// # Safety
-/// AVX2, FMA and F16C must be available; `acts` must have been quantized for `w`, and
+/// AVX2, FMA and F16C must be available; `acts` must have been quantized for `w` with
+/// second codes (`Kernel::Avx2.two_level()`), and
 /// `out` must hold `acts.batch * w.rows` elements; `rows` must lie within `w.rows`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn rows<T: Element>(
@@ -48,56 +45,44 @@ pub(super) unsafe fn rows<T: Element>(
     }
 }
 
-/// One code width: how a block's codes are loaded and multiplied by activation codes.
+/// One code width: how a block's codes are loaded as two vectors of 16-bit values
+/// (elements 0-15, then 16-31).
 trait Codes {
-    /// A block's codes, ready for [`Codes::pairs`].
-    type Loaded: Copy;
     /// Whether the weight's offsets must be added after the blocks.
     const OFFSETS: bool;
-    unsafe fn load(block: *const u8) -> Self::Loaded;
-    /// The 16 sums of adjacent products of the block's codes and `x`'s 32 codes.
-    unsafe fn pairs(w: Self::Loaded, x: __m256i) -> __m256i;
+    unsafe fn load(block: *const u8) -> (__m256i, __m256i);
 }
 
 /// 4-bit codes, 16 bytes per block: low nibbles are elements 0-15, high ones 16-31.
 struct Nibbles;
 
 impl Codes for Nibbles {
-    type Loaded = __m256i;
     const OFFSETS: bool = true;
 
     #[inline(always)]
-    unsafe fn load(block: *const u8) -> __m256i {
+    unsafe fn load(block: *const u8) -> (__m256i, __m256i) {
         let raw = _mm_loadu_si128(block as *const __m128i);
         let low = _mm_set1_epi8(0x0f);
         let lo = _mm_and_si128(raw, low);
         let hi = _mm_and_si128(_mm_srli_epi16::<4>(raw), low);
-        _mm256_set_m128i(hi, lo)
-    }
-
-    #[inline(always)]
-    unsafe fn pairs(w: __m256i, x: __m256i) -> __m256i {
-        _mm256_maddubs_epi16(w, x)
+        (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi))
     }
 }
 
-/// 8-bit codes, 32 bytes per block, made signed: (|code - 128|, code - 128).
+/// 8-bit codes, 32 bytes per block, made signed (`code - 128`).
 struct Bytes;
 
 impl Codes for Bytes {
-    type Loaded = (__m256i, __m256i);
     const OFFSETS: bool = false;
 
     #[inline(always)]
     unsafe fn load(block: *const u8) -> (__m256i, __m256i) {
         let raw = _mm256_loadu_si256(block as *const __m256i);
         let signed = _mm256_xor_si256(raw, _mm256_set1_epi8(i8::MIN));
-        (_mm256_sign_epi8(signed, signed), signed)
-    }
-
-    #[inline(always)]
-    unsafe fn pairs((magnitude, signed): (__m256i, __m256i), x: __m256i) -> __m256i {
-        _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, signed))
+        (
+            _mm256_cvtepi8_epi16(_mm256_castsi256_si128(signed)),
+            _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(signed)),
+        )
     }
 }
 
@@ -115,20 +100,26 @@ unsafe fn tile<T: Element, C: Codes, const R: usize, const N: usize>(
     let row_bytes = blocks * block_bytes;
     let codes = w.codes.as_ptr().add(r0 * row_bytes);
     let scales = w.scales.as_ptr().add(r0 * blocks) as *const i16;
-    let x_codes = acts.codes.as_ptr().add(b0 * blocks * BLOCK);
+    let x_codes = acts.wide.as_ptr().add(b0 * blocks * BLOCK);
     let x_scales = acts.scales.as_ptr().add(b0 * blocks);
-    let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); N]; R];
     for k in 0..blocks {
-        let mut xv = [_mm256_setzero_si256(); N];
+        let mut xv = [(_mm256_setzero_si256(), _mm256_setzero_si256()); N];
         for (i, xv) in xv.iter_mut().enumerate() {
-            *xv = _mm256_loadu_si256(x_codes.add((i * blocks + k) * BLOCK) as *const __m256i);
+            let at = x_codes.add((i * blocks + k) * BLOCK);
+            *xv = (
+                _mm256_loadu_si256(at as *const __m256i),
+                _mm256_loadu_si256(at.add(BLOCK / 2) as *const __m256i),
+            );
         }
         for (j, acc) in acc.iter_mut().enumerate() {
             let wv = C::load(codes.add(j * row_bytes + k * block_bytes));
             let wscale = _mm256_cvtph_ps(_mm_set1_epi16(scales.add(j * blocks + k).read()));
             for (i, acc) in acc.iter_mut().enumerate() {
-                let dot = _mm256_madd_epi16(C::pairs(wv, xv[i]), ones);
+                let dot = _mm256_add_epi32(
+                    _mm256_madd_epi16(wv.0, xv[i].0),
+                    _mm256_madd_epi16(wv.1, xv[i].1),
+                );
                 let scale =
                     _mm256_mul_ps(wscale, _mm256_set1_ps(x_scales.add(i * blocks + k).read()));
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, *acc);
