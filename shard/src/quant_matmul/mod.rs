@@ -10,14 +10,16 @@
 //!   for the layers' projections on AVX2 processors): the offset is Q4_1's minimum
 //!   (`-8 * scale` for Q4_0), so the copy is lossless.
 //!
-//! The activations of the step are quantized to signed 8 bits per block of 32 (one scale
-//! per block), and each block's dot product is summed in 32-bit integers (AVX-512 VNNI's
-//! `vpdpbusd`, 64 byte products per instruction, or AVX2's `vpmaddubsw`, 32) before its
-//! two scales are applied:
+//! The activations of the step are quantized per block of 32 (one scale per block), to
+//! signed 8 bits for the AVX-512 VNNI kernel and to 16 bits elsewhere (see
+//! `Activations`), and each block's dot product is summed in 32-bit integers (VNNI's
+//! `vpdpbusd`, 64 byte products per instruction, or AVX2's `vpmaddwd`, 16 products of
+//! 16-bit values) before its two scales are applied:
 //!
 //! `y[b, r] = Σ_k scale[r,k] · xscale[b,k] · Σ_i code[r,k,i] · xq[b,k,i] + Σ_k offset[r,k] · xscale[b,k] · Σ_i xq[b,k,i]`
 //!
-//! (the scheme of llama.cpp's Q8_0 × Q8_0 and Q4_1 × Q8_1 dot products). The sums stay f32 to the end,
+//! (the scheme of llama.cpp's Q8_0 × Q8_0 and Q4_1 × Q8_1 dot products, with wider
+//! activation codes where the instructions allow it cheaply). The sums stay f32 to the end,
 //! so in bf16 the logits keep the precision that bf16 outputs would lose: logits near 20
 //! round to steps of 0.125 in bf16, enough to tie or swap the two best tokens of an
 //! uncertain step. Every output element is computed the same way whatever the batch, so
