@@ -67,11 +67,15 @@ pub enum CollectiveError {
         address: String,
         message: String,
     },
-    #[error("rank {rank} of {world}: {op} failed: {message}")]
+    /// `number` counts this rank's collectives since it joined (this one included):
+    /// ranks that time out at different numbers disagree on the sequence of
+    /// collectives, ranks at the same number are stuck in the same exchange.
+    #[error("rank {rank} of {world}: {op} (collective {number} since joining) failed: {message}")]
     Op {
         rank: usize,
         world: usize,
         op: &'static str,
+        number: u64,
         message: String,
     },
     #[error("invalid group: {0}")]
@@ -224,6 +228,7 @@ impl Communicator {
             rank: self.rank,
             world: self.world,
             op,
+            number: self.calls.load(Ordering::Relaxed),
             message: message(err),
         }
     }
@@ -383,6 +388,49 @@ mod tests {
             assert_eq!(gathered, vec![0.0, 0.0, 1.0, 1.0, 2.0, 2.0]);
             assert_eq!(b, vec![20.0, 20.0, 20.0]);
         }
+    }
+
+    #[test]
+    fn a_collective_that_a_peer_never_joins_fails_with_its_number() {
+        let port = free_port();
+        let config = move |rank| GroupConfig {
+            rank,
+            world_size: 2,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            timeout: Duration::from_secs(3),
+            nccl: false,
+        };
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let peer = std::thread::spawn(move || {
+            let comm = Communicator::join(&config(1)).unwrap();
+            let mut t = Tensor::from_slice(&[1.0f32]);
+            comm.all_reduce_sum(&mut t).unwrap();
+            // Stays in the group, exchanging nothing more, until rank 0 has failed.
+            let _ = done_rx.recv_timeout(Duration::from_secs(60));
+        });
+        let comm = Communicator::join(&config(0)).unwrap();
+        let mut t = Tensor::from_slice(&[1.0f32]);
+        comm.all_reduce_sum(&mut t).unwrap();
+        let err = comm.all_reduce_sum(&mut t).unwrap_err();
+        let _ = done_tx.send(());
+        peer.join().unwrap();
+        assert!(
+            matches!(
+                err,
+                CollectiveError::Op {
+                    rank: 0,
+                    op: "all-reduce",
+                    number: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("collective 2 since joining"),
+            "{err}"
+        );
     }
 
     #[test]

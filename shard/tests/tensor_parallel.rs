@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use tch::Kind;
@@ -17,6 +18,17 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// One group at a time: every rank is a thread of this process with its own OpenMP
+/// team, so two groups at once put up to 14 busy threads on a 2-core CI machine, and
+/// one test's rendezvous port, picked free and released, is open to the others' Gloo
+/// listeners until its rank 0 binds it.
+fn one_group_at_a_time() -> MutexGuard<'static, ()> {
+    static GROUPS: Mutex<()> = Mutex::new(());
+    GROUPS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn engine_config(group: Option<GroupConfig>) -> EngineConfig {
@@ -55,6 +67,7 @@ fn group_logits_of(
     world: usize,
     prompts: &[Vec<u32>],
 ) -> Vec<Vec<Vec<f32>>> {
+    let _serial = one_group_at_a_time();
     let port = free_port();
     let handles: Vec<_> = (0..world)
         .map(|rank| {
