@@ -6,9 +6,10 @@
 //! zero point each, which is exactly Q4_0/Q4_1's format: for `quant_matmul`'s AVX2
 //! kernel on processors without AVX-512 VNNI, for libtorch's
 //! `_weight_int4pack_mm_for_cpu` elsewhere) and for the output head an int8 copy;
-//! steps with at most [`SMALL_BATCH_ROWS`] rows use them, larger steps use the dense
-//! weight, whose matmuls are faster once the weight read is amortised. A dense bf16
-//! weight on the CPU is kept packed for oneDNN (see `packed_linear`).
+//! steps with at most [`SMALL_BATCH_ROWS`] rows ([`Q4_KERNEL_ROWS`] for the AVX2 kernel)
+//! use them, larger steps use the dense weight, whose matmuls are faster once the weight
+//! read is amortised. A dense bf16 or f32 weight on the CPU is kept packed for oneDNN
+//! (see `packed_linear`).
 
 use half::f16;
 use tch::{Kind, Tensor};
@@ -19,6 +20,13 @@ use crate::quant_matmul::{self, QuantWeight};
 
 /// Steps of up to this many token rows use the compressed weights.
 pub const SMALL_BATCH_ROWS: i64 = 8;
+
+/// Steps of up to this many rows use `quant_matmul`'s 4-bit AVX2 kernel; larger ones the
+/// dense f32 weight packed for oneDNN. Measured on this project's AVX2 machine
+/// (`quant_matmul::tests::crossover_timing`, SmolLM2's projections): the two take the
+/// same time at 4 rows, the kernel is 1.3-1.8x faster below, the packed weight 1.3-2x
+/// faster from 6 rows on.
+pub const Q4_KERNEL_ROWS: i64 = 4;
 
 /// Steps of up to this many rows use the output head's integer (VNNI) copy, with f32
 /// logits; larger ones the dense weight, which libtorch multiplies faster from about 32
@@ -161,7 +169,7 @@ impl Int4Codes {
 enum Compressed {
     /// 8-bit or 4-bit codes per block of 32, multiplied in integers with f32 sums (see
     /// `quant_matmul`); used up to [`QUANT_HEAD_ROWS`] rows (8-bit, the output head) or
-    /// [`SMALL_BATCH_ROWS`] (4-bit).
+    /// [`Q4_KERNEL_ROWS`] (4-bit).
     Quant(QuantWeight),
     Int4 {
         packed: Tensor,
@@ -175,7 +183,7 @@ enum Compressed {
 
 pub struct Linear {
     dense: Tensor,
-    /// The dense weight packed for oneDNN (bf16 on the CPU), used instead of `dense`.
+    /// The dense weight packed for oneDNN (bf16 or f32 on the CPU), used instead of `dense`.
     packed: Option<PackedWeight>,
     compressed: Option<Compressed>,
 }
@@ -318,7 +326,7 @@ impl Linear {
 fn quant_rows(weight: &QuantWeight) -> i64 {
     match weight.bits() {
         quant_matmul::Bits::Eight => QUANT_HEAD_ROWS,
-        quant_matmul::Bits::Four => SMALL_BATCH_ROWS,
+        quant_matmul::Bits::Four => Q4_KERNEL_ROWS,
     }
 }
 
@@ -497,6 +505,15 @@ mod tests {
         );
         let dense = big.linear::<Tensor>(&w, None);
         assert!(hybrid.forward(&big).unwrap().equal(&dense));
+        if quant_matmul::q4_preferred() {
+            // The AVX2 kernel stops earlier: above its rows, the dense weight, exactly.
+            let mid = Tensor::randn(
+                [Q4_KERNEL_ROWS + 1, cols as i64],
+                (Kind::Float, tch::Device::Cpu),
+            );
+            let dense = mid.linear::<Tensor>(&w, None);
+            assert!(hybrid.forward(&mid).unwrap().equal(&dense));
+        }
         let head = Linear::dense(w.shallow_clone())
             .with_int8_in(Kind::BFloat16)
             .unwrap();

@@ -1,12 +1,14 @@
-//! bf16 linear layers on weights that oneDNN packs once at load (the C++ shim in
+//! bf16 and f32 linear layers on weights that oneDNN packs once at load (the C++ shim in
 //! `csrc/packed_linear.cpp`, over the CPU wheel's `mkldnn::_reorder_linear_weight` and
 //! `mkldnn::_linear_pointwise`).
 //!
 //! `Tensor::linear` on a plain bf16 weight makes oneDNN re-lay the whole weight out for
 //! its AMX/AVX-512 kernels inside every call, so a decode step of 32 rows spends more
-//! time copying weights than multiplying them. A packed weight skips that copy; it
-//! replaces the plain one (same size), so memory does not grow. Results equal the plain
-//! product up to the order of the f32 accumulation (one bf16 rounding step at most).
+//! time copying weights than multiplying them; a plain f32 weight goes to the BLAS, which
+//! packs its panels in every call as well. A packed weight skips that copy; it replaces
+//! the plain one (same size), so memory does not grow. Results equal the plain product up
+//! to the order of the f32 accumulation (one bf16 rounding step at most in bf16, a few
+//! units in the last place in f32).
 
 use std::os::raw::{c_char, c_int};
 
@@ -46,9 +48,11 @@ pub struct PackedWeight {
     packed: Tensor,
 }
 
-/// Whether `weight` can be packed: bf16 on the CPU, 2-D.
+/// Whether `weight` can be packed: bf16 or f32 on the CPU, 2-D.
 pub fn supports(weight: &Tensor) -> bool {
-    weight.device() == Device::Cpu && weight.kind() == Kind::BFloat16 && weight.dim() == 2
+    weight.device() == Device::Cpu
+        && matches!(weight.kind(), Kind::BFloat16 | Kind::Float)
+        && weight.dim() == 2
 }
 
 /// Runs one shim call that returns a new tensor through its `out` argument.
@@ -74,7 +78,7 @@ impl PackedWeight {
     pub fn pack(weight: &Tensor) -> Result<Self> {
         if !supports(weight) {
             return Err(EngineError::PackedLinear(format!(
-                "packing needs a 2-D bf16 CPU weight, not {:?} on {:?}",
+                "packing needs a 2-D bf16 or f32 CPU weight, not {:?} on {:?}",
                 weight.kind(),
                 weight.device()
             )));
@@ -88,12 +92,12 @@ impl PackedWeight {
         let packed = Self { packed };
         // Some processors can pack but not multiply in bf16: one row is tried here, so
         // that such a weight stays plain instead of failing every request later.
-        let probe = Tensor::f_zeros([1, weight.size()[1]], (Kind::BFloat16, Device::Cpu))?;
+        let probe = Tensor::f_zeros([1, weight.size()[1]], (weight.kind(), Device::Cpu))?;
         let _ = packed.forward(&probe)?;
         Ok(packed)
     }
 
-    /// `x @ weight^T` for a `[rows, in]` bf16 input.
+    /// `x @ weight^T` for a `[rows, in]` input of the weight's dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut x = x.f_contiguous()?;
         let mut packed = self.packed.shallow_clone();
@@ -146,12 +150,87 @@ mod tests {
         }
     }
 
+    /// f32 packing works on every x86 CPU oneDNN supports (AVX2 included).
     #[test]
-    fn a_non_bf16_weight_is_refused_with_a_reason() {
-        let w = Tensor::zeros([4, 4], (Kind::Float, Device::Cpu));
+    fn packed_f32_product_matches_the_plain_one() {
+        tch::manual_seed(12);
+        let opts = (Kind::Float, Device::Cpu);
+        let w = Tensor::randn([300, 96], opts) * 0.1;
+        let packed = PackedWeight::pack(&w).unwrap();
+        for rows in [1i64, 5, 32, 77, 600] {
+            let x = Tensor::randn([rows, 96], opts);
+            let want = x.linear::<Tensor>(&w, None);
+            let got = packed.forward(&x).unwrap();
+            assert_eq!(got.size(), vec![rows, 300]);
+            assert_eq!(got.kind(), Kind::Float);
+            // Sums of 96 products in another order: a few units in the last place.
+            let tol = want.abs() * 1e-5 + 1e-5;
+            let worse = (got - &want).abs().gt_tensor(&tol).sum(Kind::Int64);
+            assert_eq!(worse.int64_value(&[]), 0, "rows {rows}");
+        }
+    }
+
+    #[test]
+    fn a_weight_of_another_dtype_is_refused_with_a_reason() {
+        let w = Tensor::zeros([4, 4], (Kind::Half, Device::Cpu));
         assert!(!supports(&w));
         let err = PackedWeight::pack(&w).err().map(|e| e.to_string());
-        assert!(err.unwrap_or_default().contains("bf16"));
+        assert!(err.unwrap_or_default().contains("bf16 or f32"));
+    }
+
+    /// f32 weights packed by oneDNN against plain f32 `linear` (MKL), SmolLM2's shapes:
+    /// `cargo test --release -p tessera-shard --lib packed_linear::tests::f32_timing --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn f32_timing() {
+        let opts = (Kind::Float, Device::Cpu);
+        let median = |f: &dyn Fn()| {
+            for _ in 0..3 {
+                f();
+            }
+            let mut t: Vec<f64> = (0..21)
+                .map(|_| {
+                    let s = std::time::Instant::now();
+                    f();
+                    s.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        };
+        for (o, i) in [
+            (960i64, 576i64),
+            (576, 576),
+            (3072, 576),
+            (576, 1536),
+            (49152, 576),
+        ] {
+            let w = Tensor::randn([o, i], opts) * 0.05;
+            let mut wc = w.shallow_clone();
+            let wp = wc.as_mut_ptr().cast();
+            let packed = new_tensor("pack", |out, err, len| unsafe {
+                tessera_pack_linear_weight(wp, PACK_ROWS, out, err, len)
+            })
+            .unwrap();
+            let packed = PackedWeight { packed };
+            for m in [1i64, 8, 32, 128, 512] {
+                let x = Tensor::randn([m, i], opts);
+                let plain = median(&|| {
+                    let _ = x.linear::<Tensor>(&w, None);
+                });
+                let pk = median(&|| {
+                    let _ = packed.forward(&x).unwrap();
+                });
+                let diff = (x.linear::<Tensor>(&w, None) - packed.forward(&x).unwrap())
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                println!(
+                    "{o}x{i} m={m}: plain {plain:.3} ms, packed {pk:.3} ms, max diff {diff:.1e}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -943,6 +943,52 @@ mod tests {
         }
     }
 
+    /// Where oneDNN's packed f32 product overtakes this kernel, row count by row count:
+    /// SmolLM2's Q4 projections and its 8-bit output head against the same shapes in
+    /// f32, packed (`cargo test --release -p tessera-shard --lib
+    /// quant_matmul::tests::crossover_timing -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn crossover_timing() {
+        let median = |f: &dyn Fn()| {
+            let mut t: Vec<f64> = (0..11)
+                .map(|_| {
+                    let s = std::time::Instant::now();
+                    for _ in 0..10 {
+                        f();
+                    }
+                    s.elapsed().as_secs_f64() * 1e3 / 10.0
+                })
+                .collect();
+            t.sort_by(f64::total_cmp);
+            t[5]
+        };
+        for (name, rows, cols, bits) in [
+            ("qkv", 960usize, 576usize, 4),
+            ("o", 576, 576, 4),
+            ("gate_up", 3072, 576, 4),
+            ("down", 576, 1536, 4),
+            ("head", 49152, 576, 8),
+        ] {
+            let (ours, dense) = if bits == 4 {
+                q4_weight(rows, cols, 1)
+            } else {
+                weight(rows, cols, 1)
+            };
+            let dense = Tensor::from_slice(&dense).view([rows as i64, cols as i64]);
+            let packed = crate::packed_linear::PackedWeight::pack(&dense).unwrap();
+            let mut line = format!("{name} [{rows}x{cols}] q{bits} / packed f32, ms:");
+            for batch in [1usize, 2, 3, 4, 6, 8, 12, 16] {
+                let x =
+                    Tensor::from_slice(&values(batch * cols, 5)).view([batch as i64, cols as i64]);
+                let a = median(&|| drop(ours.matmul(&x).unwrap()));
+                let b = median(&|| drop(packed.forward(&x).unwrap()));
+                line += &format!(" {batch}: {a:.3} / {b:.3};");
+            }
+            println!("{line}");
+        }
+    }
+
     #[test]
     fn a_wrong_shape_is_an_error() {
         let (w, _) = weight(8, 64, 1);
