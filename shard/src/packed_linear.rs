@@ -178,7 +178,7 @@ mod tests {
         assert!(err.unwrap_or_default().contains("bf16 or f32"));
     }
 
-    /// f32 weights packed by oneDNN against plain f32 `linear` (MKL), SmolLM2's shapes:
+    /// f32 weights packed by oneDNN against plain f32 `linear` (the BLAS), SmolLM2's shapes:
     /// `cargo test --release -p tessera-shard --lib packed_linear::tests::f32_timing --
     /// --ignored --nocapture`.
     #[test]
@@ -207,13 +207,7 @@ mod tests {
             (49152, 576),
         ] {
             let w = Tensor::randn([o, i], opts) * 0.05;
-            let mut wc = w.shallow_clone();
-            let wp = wc.as_mut_ptr().cast();
-            let packed = new_tensor("pack", |out, err, len| unsafe {
-                tessera_pack_linear_weight(wp, PACK_ROWS, out, err, len)
-            })
-            .unwrap();
-            let packed = PackedWeight { packed };
+            let packed = PackedWeight::pack(&w).unwrap();
             for m in [1i64, 8, 32, 128, 512] {
                 let x = Tensor::randn([m, i], opts);
                 let plain = median(&|| {
